@@ -1,0 +1,300 @@
+"""Run a function on N ranks of a real gloo process group, on this machine.
+
+Tests and benchmarks need real ``torch.distributed`` groups, not mocks. This is
+the one place that starts them:
+
+* every rank is a separate process (``torch.multiprocessing``, forkserver with
+  torch preloaded, so a rank starts in a fraction of a second);
+* the rendezvous ``TCPStore`` lives in the *calling* process, on a socket bound
+  to ``127.0.0.1`` port 0 before the store is built, so no other process can
+  take the port between choosing and listening, nothing listens beyond
+  loopback, and the store survives a rank that dies;
+* each rank's return value comes back in rank order; an exception on any rank
+  is re-raised here as :class:`RankFailure` carrying the remote traceback;
+* a collective that hangs ends in :class:`RanksTimedOut`, with the Python
+  stack of every rank that was still running, instead of hanging the caller.
+
+Example::
+
+    import torch, torch.distributed as dist
+    from thrifty.bench import run_ranks
+
+    def allreduce_rank() -> float:
+        t = torch.tensor([float(dist.get_rank())])
+        dist.all_reduce(t)
+        return t.item()
+
+    assert run_ranks(allreduce_rank, world_size=3) == [3.0, 3.0, 3.0]
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import os
+import pickle
+import queue
+import signal
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+__all__ = ["RankFailure", "RanksTimedOut", "loopback_store", "run_ranks"]
+
+_LOOPBACK = "127.0.0.1"
+# After the first rank fails, the others usually fail within milliseconds
+# ("Connection closed by peer"); wait this long to collect their reports too.
+_FAILURE_GRACE_S = 2.0
+_forkserver_preloaded = False
+
+
+class RankFailure(RuntimeError):
+    """A rank raised. ``rank`` is the first rank that failed, ``remote_traceback`` its traceback."""
+
+    def __init__(self, rank: int, remote_traceback: str, others: Mapping[int, str]) -> None:
+        self.rank = rank
+        self.remote_traceback = remote_traceback
+        self.others = dict(others)
+        lines = [f"rank {rank} failed:", remote_traceback.rstrip()]
+        for other, summary in sorted(self.others.items()):
+            lines.append(f"(rank {other} also failed: {summary})")
+        super().__init__("\n".join(lines))
+
+
+class RanksTimedOut(TimeoutError):
+    """Some ranks did not finish in time, typically a collective that never completes."""
+
+    def __init__(self, timeout: float, pending: list[int], stacks: Mapping[int, str]) -> None:
+        self.pending = pending
+        self.stacks = dict(stacks)
+        lines = [
+            f"ranks {pending} did not finish within {timeout:g}s; a collective is probably "
+            "waiting for a rank that never joins it (mismatched calls or shapes across ranks?)."
+        ]
+        for rank in pending:
+            stack = self.stacks.get(rank, "").strip()
+            if stack:
+                lines.append(f"--- rank {rank} was at:\n{stack}")
+        super().__init__("\n".join(lines))
+
+
+def loopback_store(world_size: int, timeout: float = 300.0) -> dist.TCPStore:
+    """Start a ``TCPStore`` server that listens on 127.0.0.1 only, on a free port.
+
+    The socket is bound (port 0) and listening before the store exists, so the
+    port is ours without a race. The store owns the socket from then on.
+    """
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((_LOOPBACK, 0))
+    sock.listen(max(128, world_size))
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        _LOOPBACK,
+        port,
+        None,
+        True,
+        datetime.timedelta(seconds=timeout),
+        wait_for_workers=False,
+        master_listen_fd=sock.fileno(),
+    )
+    sock.detach()  # the store closes the descriptor itself
+    return store
+
+
+def _rank_main(
+    rank: int,
+    world_size: int,
+    port: int,
+    backend: str,
+    timeout: float,
+    threads: int,
+    env: Mapping[str, str],
+    stack_file: str,
+    results: Any,
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+) -> None:
+    os.environ.update(env)
+    torch.set_num_threads(threads)
+    with open(stack_file, "w") as stack_out:
+        # On timeout the parent sends SIGUSR1; every thread's stack goes to this file.
+        faulthandler.register(signal.SIGUSR1, file=stack_out, all_threads=True)
+        try:
+            store = dist.TCPStore(
+                _LOOPBACK, port, world_size, False, datetime.timedelta(seconds=timeout)
+            )
+            dist.init_process_group(
+                backend,
+                store=store,
+                rank=rank,
+                world_size=world_size,
+                timeout=datetime.timedelta(seconds=timeout),
+            )
+            value = fn(*args, **kwargs)
+            message = (rank, "ok", pickle.dumps(value))
+        except BaseException as exc:
+            summary = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            message = (rank, "error", pickle.dumps((traceback.format_exc(), summary)))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        results.put(message)
+
+
+def _context(start_method: str) -> Any:
+    global _forkserver_preloaded
+    ctx = mp.get_context(start_method)
+    if start_method == "forkserver" and not _forkserver_preloaded:
+        # Import torch once in the fork server; each rank then forks from it.
+        ctx.set_forkserver_preload(["torch", "torch.distributed", "thrifty.bench.launch"])
+        _forkserver_preloaded = True
+    return ctx
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    backend: str = "gloo",
+    threads_per_rank: int = 1,
+    env: Mapping[str, str] | None = None,
+    start_method: str = "forkserver",
+    **kwargs: Any,
+) -> list[Any]:
+    """Call ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results by rank.
+
+    The process group is initialised before ``fn`` runs (use ``dist.get_rank()``
+    inside) and destroyed after. ``fn`` must be importable (a module-level
+    function), and its arguments and result picklable.
+
+    Args:
+        timeout: seconds for the whole run; also the process group's collective timeout.
+        threads_per_rank: ``torch.set_num_threads`` in each rank, 1 by default so
+            that N ranks on a few cores do not oversubscribe them.
+        env: extra environment for the ranks. ``GLOO_SOCKET_IFNAME`` defaults to
+            ``lo`` so that gloo only ever talks over loopback.
+
+    Raises:
+        RankFailure: a rank raised; the message holds its traceback.
+        RanksTimedOut: not every rank finished within ``timeout``.
+    """
+    if world_size < 1:
+        raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if timeout <= 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    rank_env = {"GLOO_SOCKET_IFNAME": "lo", **(env or {})}
+    ctx = _context(start_method)
+    store = loopback_store(world_size, timeout)
+    results = ctx.Queue()
+    stack_dir = tempfile.TemporaryDirectory(prefix="thrifty-ranks-")
+    stack_files = [str(Path(stack_dir.name) / f"rank{r}.txt") for r in range(world_size)]
+    procs = []
+    try:
+        for rank in range(world_size):
+            proc = ctx.Process(
+                target=_rank_main,
+                args=(
+                    rank,
+                    world_size,
+                    store.port,
+                    backend,
+                    timeout,
+                    threads_per_rank,
+                    rank_env,
+                    stack_files[rank],
+                    results,
+                    fn,
+                    args,
+                    kwargs,
+                ),
+                name=f"thrifty-rank{rank}",
+                daemon=True,
+            )
+            proc.start()
+            procs.append(proc)
+        return _collect(procs, results, timeout, stack_files)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.kill()
+        for proc in procs:
+            proc.join(timeout=5)
+        results.close()
+        del store
+        stack_dir.cleanup()
+
+
+def _collect(procs: list[Any], results: Any, timeout: float, stack_files: list[str]) -> list[Any]:
+    world_size = len(procs)
+    values: dict[int, Any] = {}
+    errors: dict[int, tuple[str, str]] = {}
+    deadline = time.monotonic() + timeout
+    first_error_at: float | None = None
+    while len(values) + len(errors) < world_size:
+        now = time.monotonic()
+        if first_error_at is not None and now - first_error_at > _FAILURE_GRACE_S:
+            break
+        if now > deadline:
+            pending = [r for r in range(world_size) if r not in values and r not in errors]
+            raise RanksTimedOut(timeout, pending, _dump_stacks(procs, pending, stack_files))
+        try:
+            rank, status, blob = results.get(timeout=0.05)
+        except queue.Empty:
+            _note_silent_deaths(procs, values, errors)
+        else:
+            if status == "ok":
+                values[rank] = pickle.loads(blob)
+            else:
+                errors[rank] = pickle.loads(blob)
+        if errors and first_error_at is None:
+            first_error_at = time.monotonic()
+    if errors:
+        # Report the rank whose failure came first in rank order among the
+        # non-connection errors: the others are usually its consequence.
+        def is_consequence(rank: int) -> bool:
+            text = errors[rank][0]
+            return "Connection closed by peer" in text or "Connection reset" in text
+
+        primary = min(errors, key=lambda r: (is_consequence(r), r))
+        others = {r: errors[r][1] for r in errors if r != primary}
+        raise RankFailure(primary, errors[primary][0], others)
+    return [values[r] for r in range(world_size)]
+
+
+def _note_silent_deaths(
+    procs: list[Any], values: dict[int, Any], errors: dict[int, tuple[str, str]]
+) -> None:
+    """A rank killed by a signal (or os._exit) never reports; record it as a failure."""
+    for rank, proc in enumerate(procs):
+        if rank in values or rank in errors or proc.is_alive():
+            continue
+        proc.join(timeout=0.5)  # its message may still be in flight
+        if proc.exitcode not in (0, None):
+            reason = f"process exited with code {proc.exitcode}"
+            if proc.exitcode < 0:
+                reason = f"process killed by signal {signal.Signals(-proc.exitcode).name}"
+            errors[rank] = (reason + " before reporting a result\n", reason)
+
+
+def _dump_stacks(procs: list[Any], pending: list[int], stack_files: list[str]) -> dict[int, str]:
+    for rank in pending:
+        if procs[rank].is_alive() and procs[rank].pid is not None:
+            os.kill(procs[rank].pid, signal.SIGUSR1)
+    time.sleep(0.5)
+    stacks = {}
+    for rank in pending:
+        try:
+            stacks[rank] = Path(stack_files[rank]).read_text()
+        except OSError:
+            stacks[rank] = ""
+    return stacks

@@ -1,0 +1,408 @@
+"""Collectives over torch.distributed with variable sizes, packing and byte accounting.
+
+gloo has no allgatherv and its list-form ``all_to_all`` fails on uneven sizes,
+but ``all_to_all_single`` with split sizes works. Everything variable-sized
+here is therefore built on ``all_to_all_single`` plus, when the receiver cannot
+know the sizes, a small size exchange first.
+
+Byte accounting. Every call adds to the active :class:`CommLedger` objects:
+
+* ``payload_bytes``: the useful bytes this rank contributes (its tensor for
+  all-reduce and all-gather; what it sends to *other* ranks for all-to-all);
+* ``wire_bytes``: what this rank puts on the network under the algorithm the
+  timeline model assumes: ring all-reduce sends ``2(n-1)/n`` of the tensor,
+  all-gather sends its contribution to ``n-1`` peers, all-to-all sends each
+  peer its chunk; size exchanges are included. A rank's bytes to itself are free.
+
+Example::
+
+    with count_bytes() as ledger:
+        parts = all_gather_v(torch.arange(dist.get_rank() + 1))
+    ledger.wire_bytes   # (n-1) * own bytes + size exchange
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import torch
+import torch.distributed as dist
+
+__all__ = [
+    "CommLedger",
+    "Layout",
+    "Pending",
+    "all_gather",
+    "all_gather_packed",
+    "all_gather_v",
+    "all_reduce",
+    "all_to_all_v",
+    "count_bytes",
+    "pack",
+    "unpack",
+    "wire_bytes",
+]
+
+T = TypeVar("T")
+_SIZE_DTYPE = torch.int64
+_SIZE_BYTES = 8
+
+
+# --------------------------------------------------------------------------- accounting
+
+
+@dataclass
+class OpBytes:
+    """Totals for one kind of collective."""
+
+    calls: int = 0
+    payload_bytes: int = 0
+    wire_bytes: int = 0
+
+
+@dataclass
+class CommLedger:
+    """What this rank sent, per collective kind. Add it with :func:`count_bytes`."""
+
+    ops: dict[str, OpBytes] = field(default_factory=dict)
+
+    def add(self, op: str, payload_bytes: int, wire_bytes: int) -> None:
+        entry = self.ops.setdefault(op, OpBytes())
+        entry.calls += 1
+        entry.payload_bytes += payload_bytes
+        entry.wire_bytes += wire_bytes
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(o.payload_bytes for o in self.ops.values())
+
+    @property
+    def wire_bytes(self) -> int:
+        return sum(o.wire_bytes for o in self.ops.values())
+
+    @property
+    def calls(self) -> int:
+        return sum(o.calls for o in self.ops.values())
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {name: vars(o).copy() for name, o in self.ops.items()}
+
+
+_active_ledgers: list[CommLedger] = []
+
+
+@contextlib.contextmanager
+def count_bytes() -> Iterator[CommLedger]:
+    """Count the bytes of every collective of this module called inside the block.
+
+    Blocks nest: an outer ledger also sees what inner ones see.
+    """
+    ledger = CommLedger()
+    _active_ledgers.append(ledger)
+    try:
+        yield ledger
+    finally:
+        _active_ledgers.remove(ledger)
+
+
+def _record(op: str, payload_bytes: int, wire: int) -> None:
+    for ledger in _active_ledgers:
+        ledger.add(op, payload_bytes, wire)
+
+
+def wire_bytes(primitive: str, nbytes: int, world_size: int) -> float:
+    """Bytes one rank sends for a collective of ``nbytes`` under the model's algorithm.
+
+    ``nbytes`` is the message size in the nccl-tests convention: the tensor for
+    all-reduce, the *gathered result* for all-gather, one rank's whole send
+    buffer for all-to-all. This is the volume the alpha-beta model is fitted on.
+    """
+    n = world_size
+    if n <= 1:
+        return 0.0
+    if primitive == "all_reduce":
+        return 2.0 * (n - 1) / n * nbytes
+    if primitive in ("all_gather", "all_to_all"):
+        return (n - 1) / n * nbytes
+    raise ValueError(f"unknown primitive {primitive!r}; expected all_reduce, all_gather, all_to_all")
+
+
+# --------------------------------------------------------------------------- async handles
+
+
+class Pending(Generic[T]):
+    """The result of an ``async_op=True`` collective: call :meth:`wait` to get it."""
+
+    def __init__(self, work: dist.Work | None, finish: Callable[[], T]) -> None:
+        self._work = work
+        self._finish = finish
+        self._done = False
+        self._value: T | None = None
+
+    def is_completed(self) -> bool:
+        return self._done or self._work is None or self._work.is_completed()
+
+    def wait(self) -> T:
+        if not self._done:
+            if self._work is not None:
+                self._work.wait()
+            self._value = self._finish()
+            self._done = True
+        return self._value  # type: ignore[return-value]
+
+
+def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_initialized():
+        raise RuntimeError(
+            "torch.distributed is not initialised: call dist.init_process_group first "
+            "(torchrun sets up the environment for it)"
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _done(value: T, async_op: bool) -> T | Pending[T]:
+    return Pending(None, lambda: value) if async_op else value
+
+
+# --------------------------------------------------------------------------- collectives
+
+
+def all_reduce(
+    tensor: torch.Tensor,
+    op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+) -> torch.Tensor | Pending[torch.Tensor]:
+    """In-place all-reduce of ``tensor``; returns it (or a :class:`Pending` of it)."""
+    _, n = _world(group)
+    _record("all_reduce", _nbytes(tensor), math.ceil(wire_bytes("all_reduce", _nbytes(tensor), n)))
+    work = dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+    if async_op:
+        return Pending(work, lambda: tensor)
+    return tensor
+
+
+def all_gather(
+    tensor: torch.Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
+) -> list[torch.Tensor] | Pending[list[torch.Tensor]]:
+    """All-gather of tensors that have the same shape and dtype on every rank.
+
+    Use :func:`all_gather_v` when sizes differ: a mismatch here makes gloo fail or hang.
+    """
+    _, n = _world(group)
+    tensor = tensor.contiguous()
+    _record("all_gather", _nbytes(tensor), (n - 1) * _nbytes(tensor))
+    out = [torch.empty_like(tensor) for _ in range(n)]
+    work = dist.all_gather(out, tensor, group=group, async_op=async_op)
+    if async_op:
+        return Pending(work, lambda: out)
+    return out
+
+
+def _exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """All-to-all of one int64 per peer: returns what every peer will send us."""
+    _, n = _world(group)
+    received = torch.empty_like(counts)
+    dist.all_to_all_single(received, counts, group=group)
+    _record("size_exchange", 0, (n - 1) * _SIZE_BYTES)
+    return received
+
+
+def all_gather_v(
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+    sizes: Sequence[int] | None = None,
+) -> list[torch.Tensor] | Pending[list[torch.Tensor]]:
+    """All-gather of 1-D tensors whose length differs across ranks (allgatherv).
+
+    Every rank sends its tensor to every other rank with one ``all_to_all_single``
+    (no padding on the wire). When ``sizes`` (every rank's numel) is not given it
+    is exchanged first, which costs one small blocking collective.
+    """
+    rank, n = _world(group)
+    if tensor.dim() != 1:
+        raise ValueError(f"all_gather_v takes a 1-D tensor, got shape {tuple(tensor.shape)}")
+    tensor = tensor.contiguous()
+    if sizes is None:
+        mine = torch.full((n,), tensor.numel(), dtype=_SIZE_DTYPE)
+        sizes = _exchange_counts(mine, group).tolist()
+    elif len(sizes) != n:
+        raise ValueError(f"sizes has {len(sizes)} entries but the group has {n} ranks")
+    elif sizes[rank] != tensor.numel():
+        raise ValueError(f"sizes[{rank}] = {sizes[rank]} but this rank's tensor has {tensor.numel()}")
+    sizes = [int(s) for s in sizes]
+    _record("all_gather_v", _nbytes(tensor), (n - 1) * _nbytes(tensor))
+    send = tensor.repeat(n) if n > 1 else tensor
+    recv = torch.empty(sum(sizes), dtype=tensor.dtype)
+    work = dist.all_to_all_single(
+        recv, send, output_split_sizes=sizes, input_split_sizes=[tensor.numel()] * n,
+        group=group, async_op=async_op,
+    )  # fmt: skip
+
+    def finish() -> list[torch.Tensor]:
+        return list(torch.split(recv, sizes))
+
+    if async_op:
+        return Pending(work, finish)
+    return finish()
+
+
+def all_to_all_v(
+    chunks: Sequence[torch.Tensor],
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+    recv_sizes: Sequence[int] | None = None,
+) -> list[torch.Tensor] | Pending[list[torch.Tensor]]:
+    """Send ``chunks[j]`` to rank ``j``; return the list of chunks received, by sender.
+
+    Chunks are 1-D tensors of one dtype and any lengths, empty included. When
+    ``recv_sizes`` is not given, the lengths are exchanged first.
+    """
+    rank, n = _world(group)
+    if len(chunks) != n:
+        raise ValueError(f"all_to_all_v needs one chunk per rank: got {len(chunks)}, world size {n}")
+    dtypes = {c.dtype for c in chunks}
+    if len(dtypes) != 1:
+        raise TypeError(f"all chunks must share one dtype, got {sorted(map(str, dtypes))}")
+    for j, c in enumerate(chunks):
+        if c.dim() != 1:
+            raise ValueError(f"chunk {j} must be 1-D, got shape {tuple(c.shape)}")
+    send_sizes = [c.numel() for c in chunks]
+    if recv_sizes is None:
+        recv_sizes = _exchange_counts(torch.tensor(send_sizes, dtype=_SIZE_DTYPE), group).tolist()
+    elif len(recv_sizes) != n:
+        raise ValueError(f"recv_sizes has {len(recv_sizes)} entries but the group has {n} ranks")
+    recv_sizes = [int(s) for s in recv_sizes]
+    itemsize = chunks[0].element_size()
+    sent = sum(s for j, s in enumerate(send_sizes) if j != rank) * itemsize
+    _record("all_to_all_v", sent, sent)
+    send = torch.cat([c.contiguous() for c in chunks])
+    recv = torch.empty(sum(recv_sizes), dtype=send.dtype)
+    work = dist.all_to_all_single(
+        recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
+        group=group, async_op=async_op,
+    )  # fmt: skip
+
+    def finish() -> list[torch.Tensor]:
+        return list(torch.split(recv, recv_sizes))
+
+    if async_op:
+        return Pending(work, finish)
+    return finish()
+
+
+# --------------------------------------------------------------------------- packing
+
+# Stable codes for the self-describing header: never reorder, only append.
+_DTYPE_CODES: tuple[torch.dtype, ...] = (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Layout:
+    """dtype and shape of each tensor in a packed byte buffer, in order."""
+
+    entries: tuple[tuple[torch.dtype, tuple[int, ...]], ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(math.prod(shape) * _itemsize(dtype) for dtype, shape in self.entries)
+
+    @classmethod
+    def of(cls, tensors: Sequence[torch.Tensor]) -> Layout:
+        return cls(tuple((t.dtype, tuple(t.shape)) for t in tensors))
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(torch.uint8) if t.dtype != torch.uint8 else t
+
+
+def pack(tensors: Sequence[torch.Tensor], header: bool = False) -> torch.Tensor:
+    """Concatenate tensors of any dtypes and shapes into one uint8 buffer.
+
+    With ``header=False`` the receiver must know the :class:`Layout` (e.g. it
+    follows from numel, as for compressor payloads). With ``header=True`` the
+    buffer starts with a small int64 header (count, then dtype code, ndim and
+    dims per tensor) and :func:`unpack` needs nothing else.
+    """
+    parts = [_as_bytes(t) for t in tensors]
+    if header:
+        parts.insert(0, _as_bytes(_encode_header(Layout.of(tensors))))
+    if not parts:
+        return torch.empty(0, dtype=torch.uint8)
+    return torch.cat(parts)
+
+
+def unpack(buffer: torch.Tensor, layout: Layout | None = None) -> list[torch.Tensor]:
+    """Inverse of :func:`pack`. Pass the layout unless the buffer was packed with a header."""
+    if buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise TypeError(f"expected a 1-D uint8 buffer, got {buffer.dtype} {tuple(buffer.shape)}")
+    offset = 0
+    if layout is None:
+        layout, offset = _decode_header(buffer)
+    if offset + layout.nbytes != buffer.numel():
+        raise ValueError(
+            f"buffer has {buffer.numel()} bytes but the layout describes {offset + layout.nbytes}"
+        )
+    out = []
+    for dtype, shape in layout.entries:
+        size = math.prod(shape) * _itemsize(dtype)
+        raw = buffer[offset : offset + size]
+        if raw.storage_offset() % _itemsize(dtype):
+            raw = raw.clone()  # a dtype view needs an aligned storage offset
+        out.append(raw.view(dtype).reshape(shape))
+        offset += size
+    return out
+
+
+def _encode_header(layout: Layout) -> torch.Tensor:
+    words = [len(layout.entries)]
+    for dtype, shape in layout.entries:
+        if dtype not in _DTYPE_CODES:
+            raise TypeError(f"cannot pack dtype {dtype}; supported: {_DTYPE_CODES}")
+        words += [_DTYPE_CODES.index(dtype), len(shape), *shape]
+    words.insert(0, len(words))  # header length in words, itself excluded
+    return torch.tensor(words, dtype=torch.int64)
+
+
+def _decode_header(buffer: torch.Tensor) -> tuple[Layout, int]:
+    if buffer.numel() < 8:
+        raise ValueError("buffer too short to hold a pack header")
+    nwords = int(buffer[:8].clone().view(torch.int64)[0])
+    end = 8 * (nwords + 1)
+    if nwords < 1 or end > buffer.numel():
+        raise ValueError(f"corrupt pack header: claims {nwords} words in {buffer.numel()} bytes")
+    words = buffer[8:end].clone().view(torch.int64).tolist()
+    count, i, entries = words[0], 1, []
+    for _ in range(count):
+        code, ndim = words[i], words[i + 1]
+        entries.append((_DTYPE_CODES[code], tuple(words[i + 2 : i + 2 + ndim])))
+        i += 2 + ndim
+    return Layout(tuple(entries)), end
+
+
+def all_gather_packed(
+    tensors: Sequence[torch.Tensor], group: dist.ProcessGroup | None = None
+) -> list[list[torch.Tensor]]:
+    """All-gather a list of tensors of mixed dtypes and shapes, which may differ by rank.
+
+    Returns, for every rank, the list of tensors it contributed.
+    """
+    gathered = all_gather_v(pack(tensors, header=True), group=group)
+    return [unpack(buf) for buf in gathered]  # type: ignore[union-attr]
