@@ -144,13 +144,15 @@ def rate_limited_loopback(
         rate: link rate, ``"1gbit"``-style or bits per second.
         delay: optional one-way ``netem`` delay such as ``"1ms"``. Loopback
             packets pass the qdisc once per direction, so a round trip pays it twice.
-        burst_bytes: token-bucket depth; by default 1 ms of traffic, at least
-            1 MB, enough for the kernel's timer granularity at any rate.
+        burst_bytes: token-bucket depth; by default 1 ms of traffic and at least
+            two loopback MTUs (64 KiB each; a smaller bucket drops every packet).
+            A deep bucket lets small messages pass at loopback speed, which a
+            real link would not do, so it is kept as shallow as works.
     """
     global _counter
     check_available()
     bits = parse_rate(rate)
-    burst = burst_bytes or max(1 << 20, bits // 8 // 1000)
+    burst = burst_bytes or max(2 * 65536 + 2048, bits // 8 // 1000)
     _counter += 1
     name = name or f"thrifty-{os.getpid()}-{_counter}"
     ns = NetNamespace(name, bits, delay)

@@ -128,7 +128,9 @@ def wire_bytes(primitive: str, nbytes: int, world_size: int) -> float:
         return 2.0 * (n - 1) / n * nbytes
     if primitive in ("all_gather", "all_to_all"):
         return (n - 1) / n * nbytes
-    raise ValueError(f"unknown primitive {primitive!r}; expected all_reduce, all_gather, all_to_all")
+    raise ValueError(
+        f"unknown primitive {primitive!r}; expected all_reduce, all_gather, all_to_all"
+    )
 
 
 # --------------------------------------------------------------------------- async handles
@@ -238,7 +240,9 @@ def all_gather_v(
     elif len(sizes) != n:
         raise ValueError(f"sizes has {len(sizes)} entries but the group has {n} ranks")
     elif sizes[rank] != tensor.numel():
-        raise ValueError(f"sizes[{rank}] = {sizes[rank]} but this rank's tensor has {tensor.numel()}")
+        raise ValueError(
+            f"sizes[{rank}] = {sizes[rank]} but this rank's tensor has {tensor.numel()}"
+        )
     sizes = [int(s) for s in sizes]
     _record("all_gather_v", _nbytes(tensor), (n - 1) * _nbytes(tensor))
     send = tensor.repeat(n) if n > 1 else tensor
@@ -269,7 +273,9 @@ def all_to_all_v(
     """
     rank, n = _world(group)
     if len(chunks) != n:
-        raise ValueError(f"all_to_all_v needs one chunk per rank: got {len(chunks)}, world size {n}")
+        raise ValueError(
+            f"all_to_all_v needs one chunk per rank: got {len(chunks)}, world size {n}"
+        )
     dtypes = {c.dtype for c in chunks}
     if len(dtypes) != 1:
         raise TypeError(f"all chunks must share one dtype, got {sorted(map(str, dtypes))}")

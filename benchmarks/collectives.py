@@ -1,0 +1,6 @@
+"""Collectives vs message size, alpha-beta fit: same as `thrifty bench collectives`."""
+
+from thrifty.cli import app
+
+if __name__ == "__main__":
+    app(["bench", "collectives"])

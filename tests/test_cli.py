@@ -1,0 +1,40 @@
+"""The `thrifty` command: version, help, demo, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+import thrifty
+from thrifty.cli import app
+
+runner = CliRunner()
+
+
+def test_version_and_help() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0 and thrifty.__version__ in result.output
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0 and "demo" in result.output and "bench" in result.output
+
+
+def test_console_script_is_installed() -> None:
+    exe = Path(sys.executable).parent / "thrifty"
+    out = subprocess.run([str(exe), "--version"], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == f"thrifty {thrifty.__version__}"
+
+
+def test_demo_prints_the_summary_table() -> None:
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "thrifty tour" in result.output
+    assert "all-reduce" in result.output and "MiB sent/rank" in result.output
+
+
+def test_bad_world_sizes_are_rejected() -> None:
+    result = runner.invoke(app, ["bench", "collectives", "--world-sizes", "two"])
+    assert result.exit_code != 0
+    assert "comma-separated integers" in result.output

@@ -1,0 +1,244 @@
+"""Measure all-reduce, all-gather and all-to-all vs message size; fit the NetworkModel.
+
+For each network condition (plain loopback, and rate-limited loopback namespaces
+such as 1 Gbit/s and 10 Gbit/s) and each world size, every primitive is timed
+at message sizes from 4 KB to 64 MB on real gloo ranks. An alpha-beta model is
+fitted per (primitive, world size) and written with the raw timings to
+``results/collectives.json``; a plot goes beside it.
+
+Message size follows nccl-tests: the tensor for all-reduce, the gathered result
+for all-gather, one rank's whole send buffer for all-to-all.
+
+Run with ``thrifty bench collectives`` or ``python benchmarks/collectives.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from thrifty.bench import netem
+from thrifty.bench.launch import run_ranks
+from thrifty.bench.results import results_dir, write_json
+from thrifty.dist import collectives as C
+from thrifty.dist.network import PRIMITIVES, Measurement, NetworkModel
+
+__all__ = ["DEFAULT_SIZES", "fit_report", "measure", "run_benchmark"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = tuple(4096 * 4**i for i in range(8))  # 4 KB ... 64 MB
+LOOPBACK = "loopback"
+ACCURACY_FROM_BYTES = 1 << 20  # the fit is judged on messages >= 1 MB
+
+
+def _run_once(primitive: str, buf: torch.Tensor, n: int) -> None:
+    if primitive == "all_reduce":
+        C.all_reduce(buf)
+    elif primitive == "all_gather":
+        C.all_gather(buf[: buf.numel() // n])
+    elif primitive == "all_to_all":
+        chunk = buf.numel() // n
+        C.all_to_all_v(list(buf[: chunk * n].split(chunk)), recv_sizes=[chunk] * n)
+    else:
+        raise ValueError(f"unknown primitive {primitive!r}")
+
+
+def _time_rank(
+    primitives: Sequence[str], sizes: Sequence[int], budget_s: float, label: str
+) -> list[dict[str, Any]]:
+    """Runs on every rank; rank 0 returns the measurements (the slowest rank's time per rep)."""
+    rank, n = dist.get_rank(), dist.get_world_size()
+    items = [(p, s) for p in primitives for s in sizes]
+    bar = tqdm(items, desc=label, disable=rank != 0, leave=False, file=sys.stderr)
+    out = []
+    for primitive, nbytes in bar:
+        buf = torch.ones(max(n, nbytes // 4), dtype=torch.float32)
+        if nbytes <= 4 << 20:
+            _run_once(primitive, buf, n)  # warm-up: connections, allocator
+        reps: list[float] = []
+        # Decide on the all-reduced times, never a local clock: every rank must
+        # run the same number of reps or the collectives mismatch.
+        while len(reps) < 3 or (sum(reps) < budget_s and len(reps) < 20):
+            dist.barrier()
+            start = time.perf_counter()
+            _run_once(primitive, buf, n)
+            elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            reps.append(elapsed.item())
+        out.append(
+            {"primitive": primitive, "world_size": n, "nbytes": nbytes,
+             "seconds": statistics.median(reps), "reps": reps}
+        )  # fmt: skip
+    return out
+
+
+def measure(
+    world_size: int,
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    primitives: Sequence[str] = PRIMITIVES,
+    budget_s: float = 0.5,
+    label: str = "",
+) -> list[dict[str, Any]]:
+    """Time each primitive at each size on ``world_size`` ranks in this network namespace."""
+    label = label or f"n={world_size}"
+    timeout = 900.0
+    return run_ranks(_time_rank, world_size, primitives, sizes, budget_s, label, timeout=timeout)[0]
+
+
+def _measure_in_namespace(
+    rate: str, world_size: int, sizes: Sequence[int], budget_s: float
+) -> list[dict[str, Any]]:
+    spec = {"world_size": world_size, "sizes": list(sizes), "budget_s": budget_s,
+            "label": f"{rate} n={world_size}"}  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, netem.rate_limited_loopback(rate) as ns:
+        out = Path(tmp) / "rows.json"
+        spec["out"] = str(out)
+        argv = [sys.executable, "-m", "thrifty.bench.collectives", json.dumps(spec)]
+        # c10d warns that it cannot resolve the namespace's host name: harmless.
+        ns.run(argv, check=True, env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
+        return json.loads(out.read_text())
+
+
+def _measurement(row: dict[str, Any]) -> Measurement:
+    return Measurement(row["primitive"], row["world_size"], row["nbytes"], row["seconds"])
+
+
+def fit_report(model: NetworkModel, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Relative errors of the fit: all sizes, and sizes >= 1 MB (the accuracy target)."""
+    ms = [_measurement(r) for r in rows]
+    errors = model.relative_errors(ms)
+    large = [abs(e) for m, e in zip(ms, errors, strict=True) if m.nbytes >= ACCURACY_FROM_BYTES]
+    return {
+        "max_abs_rel_error": max(abs(e) for e in errors),
+        "max_abs_rel_error_ge_1MB": max(large) if large else None,
+        "median_abs_rel_error_ge_1MB": statistics.median(large) if large else None,
+    }
+
+
+def run_benchmark(
+    rates: Sequence[str] = (LOOPBACK, "10gbit", "1gbit"),
+    world_sizes: Sequence[int] = (2, 4),
+    sizes: Sequence[int] = DEFAULT_SIZES,
+    budget_s: float = 0.5,
+    plot: bool = True,
+) -> dict[str, Any]:
+    """Measure every (rate, world size), fit one NetworkModel per rate, write JSON + PNG."""
+    emulated = [r for r in rates if r != LOOPBACK]
+    skipped: dict[str, str] = {}
+    if emulated:
+        try:
+            netem.check_available()
+        except netem.NetemUnavailable as exc:
+            log.warning("skipping emulated rates %s: %s", emulated, exc)
+            skipped = {r: str(exc) for r in emulated}
+    runs = [(r, n) for r in rates if r not in skipped for n in world_sizes]
+    rows: list[dict[str, Any]] = []
+    for rate, n in tqdm(runs, desc="collectives", unit="run", file=sys.stderr):
+        if rate == LOOPBACK:
+            got = measure(n, sizes, budget_s=budget_s, label=f"{rate} n={n}")
+        else:
+            got = _measure_in_namespace(rate, n, sizes, budget_s)
+        rows += [{**r, "rate": rate} for r in got]
+    models, reports = [], {}
+    for rate in dict.fromkeys(r for r, _ in runs):
+        mine = [r for r in rows if r["rate"] == rate]
+        model = NetworkModel.fit(
+            rate,
+            [Measurement(r["primitive"], r["world_size"], r["nbytes"], r["seconds"]) for r in mine],
+        )
+        models.append(model.to_dict())
+        reports[rate] = fit_report(model, mine)
+    payload = {
+        "sizes": list(sizes),
+        "world_sizes": list(world_sizes),
+        "rates": list(rates),
+        "skipped_rates": skipped,
+        "models": models,
+        "fit_error": reports,
+        "rows": rows,
+    }
+    path = write_json("collectives", payload)
+    payload["json_path"] = str(path)
+    if plot:
+        payload["plot_path"] = str(plot_collectives(payload, results_dir() / "collectives.png"))
+    return payload
+
+
+def plot_collectives(payload: dict[str, Any], path: Path) -> Path:
+    """Measured points and fitted lines, one panel per primitive, log-log."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = {m["name"]: NetworkModel.from_dict(m) for m in payload["models"]}
+    fig, axes = plt.subplots(1, len(PRIMITIVES), figsize=(5 * len(PRIMITIVES), 4), sharey=True)
+    for ax, primitive in zip(axes, PRIMITIVES, strict=True):
+        for i, (rate, model) in enumerate(models.items()):
+            for j, n in enumerate(payload["world_sizes"]):
+                pts = [r for r in payload["rows"] if (r["rate"], r["world_size"],
+                       r["primitive"]) == (rate, n, primitive)]  # fmt: skip
+                if not pts:
+                    continue
+                xs = [p["nbytes"] for p in pts]
+                color = f"C{i}"
+                ax.loglog(xs, [p["seconds"] for p in pts], "o" if j == 0 else "s",
+                          color=color, label=f"{rate}, {n} ranks")  # fmt: skip
+                ax.loglog(xs, [model.time(primitive, x, n) for x in xs], "--" if j == 0 else ":",
+                          color=color)  # fmt: skip
+        ax.set_title(primitive.replace("_", "-"))
+        ax.set_xlabel("message size (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("time (s): points measured, lines fitted")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (rate, primitive, world size): alpha, bandwidth, fit error >= 1 MB."""
+    out = []
+    for m in payload["models"]:
+        model = NetworkModel.from_dict(m)
+        for primitive, by_n in model.fits.items():
+            for n, ab in sorted(by_n.items()):
+                pts = [r for r in payload["rows"] if r["rate"] == model.name
+                       and r["primitive"] == primitive and r["world_size"] == n]  # fmt: skip
+                report = fit_report(model, pts)
+                out.append({
+                    "rate": model.name, "primitive": primitive, "world_size": n,
+                    "alpha_us": ab.alpha * 1e6,
+                    "GB_per_s": (1 / ab.beta / 1e9) if ab.beta > 0 else float("inf"),
+                    "max_err_ge_1MB": report["max_abs_rel_error_ge_1MB"],
+                })  # fmt: skip
+    return out
+
+
+def _worker(spec_json: str) -> None:
+    """Entry point inside a namespace: measure and write the rows to ``spec['out']``."""
+    spec = json.loads(spec_json)
+    rows = measure(
+        spec["world_size"], spec["sizes"], budget_s=spec["budget_s"], label=spec["label"]
+    )
+    Path(spec["out"]).write_text(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit("internal entry point; use `thrifty bench collectives`")
+    _worker(sys.argv[1])

@@ -1,0 +1,92 @@
+"""The ``thrifty`` command: ``thrifty demo`` plus one subcommand group per system."""
+
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import thrifty
+
+app = typer.Typer(
+    help="thrifty: LLM training and serving that spend less network, recomputation and lost work.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+bench_app = typer.Typer(help="Measurements of the substrates (results/*.json + plots).")
+app.add_typer(bench_app, name="bench")
+console = Console()
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"thrifty {thrifty.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING)
+
+
+@app.command()
+def demo() -> None:
+    """Run a short tour of every system and print one summary table."""
+    from thrifty.demo import TOUR
+
+    table = Table(title="thrifty tour")
+    for column in ("system", "what ran", "result", "s"):
+        table.add_column(column, overflow="fold")
+    for stop in TOUR:
+        console.print(f"[bold]>[/bold] {stop.__name__.removesuffix('_stop')} ...")
+        row = stop()
+        table.add_row(row.system, row.what, row.result, f"{row.seconds:.1f}")
+    console.print(table)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from exc
+
+
+@bench_app.command("collectives")
+def bench_collectives(
+    rates: Annotated[
+        str, typer.Option(help="Comma-separated: 'loopback' and/or tc rates like 1gbit.")
+    ] = "loopback,10gbit,1gbit",
+    world_sizes: Annotated[str, typer.Option(help="Comma-separated world sizes.")] = "2,4",
+    max_mb: Annotated[
+        int, typer.Option(help="Largest message in MB (4 KB to this, x4 steps).")
+    ] = 64,
+    budget: Annotated[float, typer.Option(help="Seconds of repetitions per point (min 3).")] = 0.5,
+) -> None:
+    """Time all-reduce / all-gather / all-to-all vs size and fit the NetworkModel."""
+    from thrifty.bench.collectives import DEFAULT_SIZES, run_benchmark, summary_rows
+
+    sizes = [s for s in DEFAULT_SIZES if s <= max_mb << 20]
+    payload = run_benchmark(
+        [r.strip() for r in rates.split(",") if r.strip()], _int_list(world_sizes), sizes, budget
+    )
+    table = Table(title="alpha-beta fit per primitive (time = alpha + bytes on wire / bandwidth)")
+    for column in ("rate", "primitive", "ranks", "alpha (us)", "GB/s per rank", "max err >= 1MB"):
+        table.add_column(column, justify="right")
+    for row in summary_rows(payload):
+        err = row["max_err_ge_1MB"]
+        table.add_row(
+            row["rate"], row["primitive"], str(row["world_size"]), f"{row['alpha_us']:.0f}",
+            f"{row['GB_per_s']:.3f}", "-" if err is None else f"{err:.1%}",
+        )  # fmt: skip
+    console.print(table)
+    for rate, reason in payload["skipped_rates"].items():
+        console.print(f"[yellow]skipped {rate}: {reason}[/yellow]")
+    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")

@@ -1,0 +1,142 @@
+"""Alpha-beta network model per collective, fitted on measured timings.
+
+``time = alpha + beta * wire_bytes(primitive, nbytes, n)``: alpha is the fixed
+cost of one call (latency, synchronisation, launch), beta the seconds per byte
+a rank puts on the wire (see :func:`thrifty.dist.collectives.wire_bytes` for
+each primitive's volume). One pair is fitted per (primitive, world size)
+because on a shared link all ranks' bytes queue on one bottleneck, which the
+per-rank volume alone cannot tell. The timeline of MergeComp and ByteComp asks
+this model what a collective costs.
+
+Example::
+
+    model = NetworkModel.load("results/collectives.json", "1gbit")
+    model.time("all_reduce", 4 << 20, world_size=2)   # seconds
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from thrifty.dist.collectives import wire_bytes
+
+__all__ = ["PRIMITIVES", "AlphaBeta", "Measurement", "NetworkModel"]
+
+PRIMITIVES = ("all_reduce", "all_gather", "all_to_all")
+
+
+@dataclass(frozen=True)
+class AlphaBeta:
+    alpha: float  # seconds per call
+    beta: float  # seconds per wire byte of one rank
+
+    def time(self, volume: float) -> float:
+        return self.alpha + self.beta * volume
+
+
+@dataclass(frozen=True)
+class Measurement:
+    primitive: str
+    world_size: int
+    nbytes: int  # message size, nccl-tests convention (see wire_bytes)
+    seconds: float
+
+
+def _fit_one(points: list[Measurement]) -> AlphaBeta:
+    """Least squares on *relative* error, so small and large messages both count.
+
+    Negative coefficients are not physical: fall back to the best fit with that
+    coefficient at zero.
+    """
+    vol = np.array([wire_bytes(p.primitive, p.nbytes, p.world_size) for p in points])
+    t = np.array([p.seconds for p in points])
+    design = np.stack([np.ones_like(vol), vol], axis=1) / t[:, None]
+    (alpha, beta), *_ = np.linalg.lstsq(design, np.ones_like(t), rcond=None)
+    if alpha < 0:
+        alpha, beta = 0.0, float(np.sum(vol / t) / np.sum((vol / t) ** 2))
+    if beta < 0:
+        alpha, beta = float(len(t) / np.sum(1 / t)), 0.0
+    return AlphaBeta(float(alpha), float(beta))
+
+
+@dataclass
+class NetworkModel:
+    """Fitted alpha-beta per primitive and world size for one network condition."""
+
+    name: str
+    fits: dict[str, dict[int, AlphaBeta]] = field(default_factory=dict)
+
+    def coefficients(self, primitive: str, world_size: int) -> AlphaBeta:
+        by_n = self.fits.get(primitive)
+        if not by_n:
+            raise KeyError(f"network model {self.name!r} has no fit for {primitive!r}")
+        # An unmeasured world size borrows the nearest measured one; the wire
+        # volume already scales with n.
+        nearest = min(by_n, key=lambda n: (abs(math.log(n / world_size)), n))
+        return by_n[nearest]
+
+    def time(self, primitive: str, nbytes: int, world_size: int) -> float:
+        """Predicted seconds for one collective of ``nbytes`` on ``world_size`` ranks."""
+        if world_size <= 1:
+            return 0.0
+        volume = wire_bytes(primitive, nbytes, world_size)
+        return self.coefficients(primitive, world_size).time(volume)
+
+    @classmethod
+    def fit(cls, name: str, measurements: Iterable[Measurement]) -> NetworkModel:
+        groups: dict[tuple[str, int], list[Measurement]] = {}
+        for m in measurements:
+            if m.seconds <= 0:
+                raise ValueError(f"non-positive time in measurement {m}")
+            groups.setdefault((m.primitive, m.world_size), []).append(m)
+        model = cls(name)
+        for (primitive, n), points in groups.items():
+            if len(points) < 2:
+                raise ValueError(f"need >= 2 sizes to fit {primitive} on {n} ranks")
+            model.fits.setdefault(primitive, {})[n] = _fit_one(points)
+        return model
+
+    @classmethod
+    def analytic(cls, name: str, rate_bits: float, latency: float = 50e-6) -> NetworkModel:
+        """An unfitted model of an ideal link: ``latency`` per call, ``rate_bits`` per rank."""
+        ab = AlphaBeta(latency, 8.0 / rate_bits)
+        return cls(name, {p: {2: ab} for p in PRIMITIVES})
+
+    def relative_errors(self, measurements: Iterable[Measurement]) -> list[float]:
+        """(predicted - measured) / measured for each measurement."""
+        return [
+            (self.time(m.primitive, m.nbytes, m.world_size) - m.seconds) / m.seconds
+            for m in measurements
+        ]
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "fits": {
+                p: {str(n): {"alpha": ab.alpha, "beta": ab.beta} for n, ab in by_n.items()}
+                for p, by_n in self.fits.items()
+            },
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> NetworkModel:
+        fits = {
+            p: {int(n): AlphaBeta(v["alpha"], v["beta"]) for n, v in by_n.items()}
+            for p, by_n in data["fits"].items()
+        }
+        return cls(data["name"], fits)
+
+    @classmethod
+    def load(cls, path: str | Path, name: str) -> NetworkModel:
+        """Read the model called ``name`` (e.g. ``"1gbit"``) from a collectives benchmark JSON."""
+        data = json.loads(Path(path).read_text())
+        models = {m["name"]: m for m in data.get("models", [])}
+        if name not in models:
+            raise KeyError(f"{path} has no network model {name!r}; it has {sorted(models)}")
+        return cls.from_dict(models[name])
