@@ -69,14 +69,30 @@ def bench_collectives(
         int, typer.Option(help="Largest message in MB (4 KB to this, x4 steps).")
     ] = 64,
     budget: Annotated[float, typer.Option(help="Seconds of repetitions per point (min 3).")] = 0.5,
+    from_env: Annotated[
+        bool,
+        typer.Option(
+            "--from-env",
+            help="Measure the real network of a torchrun job (run on every rank with "
+            "`torchrun ... --no-python thrifty bench collectives --from-env`).",
+        ),
+    ] = False,
 ) -> None:
     """Time all-reduce / all-gather / all-to-all vs size and fit the NetworkModel."""
-    from thrifty.bench.collectives import DEFAULT_SIZES, run_benchmark, summary_rows
+    from thrifty.bench.collectives import DEFAULT_SIZES, run_benchmark, run_from_env, summary_rows
 
     sizes = [s for s in DEFAULT_SIZES if s <= max_mb << 20]
-    payload = run_benchmark(
-        [r.strip() for r in rates.split(",") if r.strip()], _int_list(world_sizes), sizes, budget
-    )
+    if from_env:
+        payload = run_from_env(sizes, budget)
+        if payload is None:  # not rank 0
+            return
+    else:
+        payload = run_benchmark(
+            [r.strip() for r in rates.split(",") if r.strip()],
+            _int_list(world_sizes),
+            sizes,
+            budget,
+        )
     table = Table(title="alpha-beta fit per primitive (time = alpha + bytes on wire / bandwidth)")
     for column in ("rate", "primitive", "ranks", "alpha (us)", "GB/s per rank", "max err >= 1MB"):
         table.add_column(column, justify="right")

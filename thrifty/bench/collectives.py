@@ -177,6 +177,37 @@ def run_benchmark(
     return payload
 
 
+def run_from_env(sizes: Sequence[int] = DEFAULT_SIZES, budget_s: float = 0.5) -> dict | None:
+    """Measure in the process group that ``torchrun`` describes (one call per rank).
+
+    This is how the model is fitted for a real cluster: every rank runs
+    ``torchrun ... --no-python thrifty bench collectives --from-env``. Rank 0
+    fits the model, named ``torchrun-n<world size>``, writes the JSON and returns
+    the payload; other ranks return None.
+    """
+    owns_group = not dist.is_initialized()
+    if owns_group:
+        dist.init_process_group("gloo")
+    try:
+        rows = _time_rank(PRIMITIVES, sizes, budget_s, f"torchrun n={dist.get_world_size()}")
+        if dist.get_rank() != 0:
+            return None
+        name = f"torchrun-n{dist.get_world_size()}"
+        rows = [{**r, "rate": name} for r in rows]
+        model = NetworkModel.fit(name, [_measurement(r) for r in rows])
+        payload = {
+            "sizes": list(sizes), "world_sizes": [dist.get_world_size()], "rates": [name],
+            "skipped_rates": {}, "models": [model.to_dict()],
+            "fit_error": {name: fit_report(model, rows)}, "rows": rows,
+        }  # fmt: skip
+        payload["json_path"] = str(write_json("collectives", payload))
+        payload["plot_path"] = str(plot_collectives(payload, results_dir() / "collectives.png"))
+        return payload
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
 def plot_collectives(payload: dict[str, Any], path: Path) -> Path:
     """Measured points and fitted lines, one panel per primitive, log-log."""
     import matplotlib
