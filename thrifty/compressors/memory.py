@@ -1,0 +1,190 @@
+"""Error feedback ("memory"), composable with any compressor.
+
+A memory wraps one compress step per tensor key::
+
+    compensated = memory.compensate(grad, key)        # flat
+    payload = compressor.compress(compensated, key)
+    sent = compressor.decompress(payload, numel, key)  # what this rank contributed
+    memory.update(key, compensated, sent)
+
+State is float32, flat, on the gradient's device, one buffer set per key. A key
+whose size changes raises ``ValueError``; call ``reset(key)`` when a plan
+changes. ``compensate`` always returns a fresh tensor the caller may keep.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Hashable
+
+import torch
+from torch import Tensor
+
+from thrifty.compressors.base import key_name
+
+
+def _flat_float32(x: Tensor) -> Tensor:
+    return x.reshape(-1).to(torch.float32, copy=True)
+
+
+def _check_size(state: Tensor, numel: int, key: Hashable, what: str) -> None:
+    if state.numel() != numel:
+        raise ValueError(
+            f"{what}: tensor {key_name(key)} changed size from {state.numel()} to {numel}; "
+            f"call reset({key!r}) first"
+        )
+
+
+class Memory(ABC):
+    """Error feedback: what to compress now, and what to remember for later."""
+
+    @abstractmethod
+    def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
+        """The flat tensor to compress for gradient ``x`` of ``key``."""
+
+    @abstractmethod
+    def update(self, key: Hashable, compensated: Tensor, sent_decompressed: Tensor) -> None:
+        """Record that ``sent_decompressed`` was sent for ``compensated``."""
+
+    def reset(self, key: Hashable = None) -> None:  # noqa: B027 - stateless default
+        """Forget the state of ``key`` (of every key when ``None``)."""
+
+    def __repr__(self) -> str:
+        fields = ", ".join(
+            f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_")
+        )
+        return f"{type(self).__name__}({fields})"
+
+
+class NoMemory(Memory):
+    """No error feedback: compresses the gradient itself (flattened, dtype kept, a copy)."""
+
+    def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
+        return x.reshape(-1).clone()
+
+    def update(self, key: Hashable, compensated: Tensor, sent_decompressed: Tensor) -> None:
+        return None
+
+
+class ResidualMemory(Memory):
+    """Residual error feedback (Seide et al. 2014; Karimireddy et al., ICML 2019).
+
+    ``compensate``: ``p = beta * e + gamma * g`` (``e = 0`` at first).
+    ``update``: ``e <- p - sent``, exactly what was not sent. With
+    ``beta = gamma = 1`` the sum of everything sent plus the final residual
+    equals the sum of all gradients. Cupcake uses ``beta = 0.9`` for
+    EF-signSGD, QSGD and OneBit, which forgets old error geometrically.
+
+    Args:
+        beta: decay of the residual.
+        gamma: weight of the new gradient.
+    """
+
+    def __init__(self, beta: float = 1.0, gamma: float = 1.0) -> None:
+        self.beta = beta
+        self.gamma = gamma
+        self._residuals: dict[Hashable, Tensor] = {}
+
+    def residual(self, key: Hashable = None) -> Tensor | None:
+        """The residual ``e`` kept for ``key`` (``None`` before its first update)."""
+        return self._residuals.get(key)
+
+    def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
+        grad = _flat_float32(x)
+        if self.gamma != 1.0:
+            grad.mul_(self.gamma)
+        residual = self._residuals.get(key)
+        if residual is None:
+            return grad
+        _check_size(residual, grad.numel(), key, "ResidualMemory")
+        return grad.add_(residual, alpha=self.beta)
+
+    def update(self, key: Hashable, compensated: Tensor, sent_decompressed: Tensor) -> None:
+        sent = sent_decompressed.reshape(-1).to(torch.float32)
+        self._residuals[key] = compensated.reshape(-1).to(torch.float32) - sent
+
+    def reset(self, key: Hashable = None) -> None:
+        if key is None:
+            self._residuals.clear()
+        else:
+            self._residuals.pop(key, None)
+
+
+class DGCMemory(Memory):
+    """DGC's momentum correction and momentum-factor masking (Lin et al., ICLR 2018).
+
+    Per key, a momentum ``u`` and an accumulated velocity ``v``:
+
+    1. Local gradient clipping (optional): scale ``g`` so that ``||g||_2 <=
+       gradient_clipping``. The paper clips each rank's gradient to the global
+       threshold times ``N^{-1/2}``; pass that per-rank value.
+    2. Momentum correction: ``u <- m u + g`` then ``v <- v + u``; with Nesterov
+       ``u <- m (u + g)`` then ``v <- v + u + g``. ``compensate`` returns ``v``.
+    3. After sending: ``v <- v - sent`` (zero where a sparsifier sent the exact
+       value, the residual elsewhere) and momentum-factor masking ``u <- u * (sent
+       == 0)``: elements count as sent where their decompressed value is non-zero.
+
+    The momentum moves into the compressor, so pair it with plain SGD (no
+    optimizer momentum). With ``momentum=0`` it is residual error feedback.
+
+    Args:
+        momentum: ``m``.
+        nesterov: use the Nesterov form.
+        gradient_clipping: per-rank L2-norm bound for ``g``, or ``None``.
+    """
+
+    def __init__(
+        self, momentum: float = 0.9, nesterov: bool = False, gradient_clipping: float | None = None
+    ) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if gradient_clipping is not None and gradient_clipping <= 0:
+            raise ValueError(f"gradient_clipping must be positive, got {gradient_clipping!r}")
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.gradient_clipping = gradient_clipping
+        self._momenta: dict[Hashable, Tensor] = {}
+        self._velocities: dict[Hashable, Tensor] = {}
+
+    def momentum_buffer(self, key: Hashable = None) -> Tensor | None:
+        """The momentum ``u`` of ``key`` (``None`` before its first step)."""
+        return self._momenta.get(key)
+
+    def velocity(self, key: Hashable = None) -> Tensor | None:
+        """The accumulated velocity ``v`` of ``key`` after the latest update."""
+        return self._velocities.get(key)
+
+    def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
+        grad = _flat_float32(x)
+        if self.gradient_clipping is not None:
+            norm = torch.linalg.vector_norm(grad)
+            grad.mul_(torch.clamp(self.gradient_clipping / (norm + 1e-12), max=1.0))
+        momentum = self._momenta.get(key)
+        velocity = self._velocities.get(key)
+        if momentum is None or velocity is None:
+            momentum = torch.zeros_like(grad)
+            velocity = torch.zeros_like(grad)
+        _check_size(momentum, grad.numel(), key, "DGCMemory")
+        if self.nesterov:
+            momentum = (momentum + grad) * self.momentum
+            velocity = velocity + momentum + grad
+        else:
+            momentum = momentum * self.momentum + grad
+            velocity = velocity + momentum
+        self._momenta[key] = momentum
+        self._velocities[key] = velocity
+        return velocity.clone()
+
+    def update(self, key: Hashable, compensated: Tensor, sent_decompressed: Tensor) -> None:
+        sent = sent_decompressed.reshape(-1).to(torch.float32)
+        self._velocities[key] = compensated.reshape(-1).to(torch.float32) - sent
+        momentum = self._momenta.get(key)
+        if momentum is not None:
+            self._momenta[key] = momentum.masked_fill(sent != 0, 0.0)
+
+    def reset(self, key: Hashable = None) -> None:
+        for store in (self._momenta, self._velocities):
+            if key is None:
+                store.clear()
+            else:
+                store.pop(key, None)

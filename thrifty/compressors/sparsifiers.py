@@ -1,0 +1,387 @@
+"""Sparsifiers: Top-k, Random-k and DGC.
+
+Each sends ``k = max(1, ceil(ratio * numel))`` entries of a non-empty tensor as
+float32 values plus int32 indices, ``8 * k`` bytes, i.e. ``64 * ratio`` bits per
+element; shared-seed Random-k sends the values only (``4 * k`` bytes). Indices
+in a payload are sorted ascending. Sparsifiers are biased (except scaled
+Random-k) and are meant to be paired with error feedback (DGC memory, see
+:mod:`thrifty.compressors.memory`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Hashable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from thrifty.compressors.base import (
+    INDEX_DTYPE,
+    AllreduceRounds,
+    Compressor,
+    Reduce,
+    TensorSpec,
+    as_float32,
+    check_index_range,
+    check_ratio,
+    derive_seed,
+    key_name,
+    seeded_generator,
+    sparse_count,
+    stable_key_hash,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def _scatter(values: Tensor, indices: Tensor, numel: int) -> Tensor:
+    """Dense float32 tensor with ``values`` added at ``indices`` (duplicates add up)."""
+    out = torch.zeros(numel, dtype=torch.float32, device=values.device)
+    return out.index_add_(0, indices.to(torch.int64), values.to(torch.float32))
+
+
+class _IndexedSparsifier(Compressor):
+    """Payload ``(values float32 (k,), indices int32 (k,))``; aggregation is one scatter-add."""
+
+    def __init__(self, ratio: float, *, check_finite: bool = True) -> None:
+        super().__init__(check_finite=check_finite)
+        self.ratio = check_ratio(ratio)
+
+    def k_for(self, numel: int) -> int:
+        """Entries sent for a tensor of ``numel`` elements."""
+        return sparse_count(self.ratio, numel)
+
+    @property
+    def bits_per_element(self) -> float:
+        return 64.0 * self.ratio
+
+    def payload_spec(self, numel: int) -> tuple[TensorSpec, ...]:
+        k = self.k_for(numel)
+        return TensorSpec((k,), torch.float32), TensorSpec((k,), INDEX_DTYPE)
+
+    def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
+        values, indices = payload
+        return _scatter(values, indices, numel)
+
+    def _aggregate(self, payloads: list[tuple[Tensor, ...]], numel: int, key: Hashable) -> Tensor:
+        if not payloads:
+            return torch.zeros(numel, dtype=torch.float32)
+        values = torch.cat([p[0] for p in payloads])
+        indices = torch.cat([p[1] for p in payloads])
+        return _scatter(values, indices, numel)
+
+
+class TopK(_IndexedSparsifier):
+    """Top-k sparsification (Aji & Heafield, EMNLP 2017; Stich et al., NeurIPS 2018).
+
+    Sends exactly the ``k`` entries of largest magnitude (ties broken by
+    ``torch.topk``), ``k = max(1, ceil(ratio * numel))``: ``8 * k`` bytes,
+    ``64 * ratio`` bits per element. Not all-reduce compatible (each rank picks
+    different indices): all-gather the payloads.
+
+    Args:
+        ratio: density in (0, 1], e.g. 0.01 sends 1% of the entries.
+    """
+
+    name: ClassVar[str] = "topk"
+
+    def __init__(self, ratio: float = 0.01, *, check_finite: bool = True) -> None:
+        super().__init__(ratio, check_finite=check_finite)
+
+    def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
+        check_index_range(flat.numel(), self.name)
+        values = as_float32(flat)
+        indices = _top_indices(values, self.k_for(flat.numel()))
+        return values[indices], indices.to(INDEX_DTYPE)
+
+
+def _top_indices(values: Tensor, k: int) -> Tensor:
+    """Sorted int64 indices of the ``k`` largest ``|values|``."""
+    indices = torch.topk(values.abs(), k, sorted=False).indices
+    return indices.sort().values
+
+
+class RandomK(_IndexedSparsifier):
+    """Random-k sparsification (Stich et al., NeurIPS 2018; Wangni et al., NeurIPS 2018).
+
+    Sends ``k = max(1, ceil(ratio * numel))`` entries chosen uniformly at random
+    without replacement.
+
+    * Private indices (``shared_seed=None``): drawn from torch's default
+      generator on the input's device; payload ``values float32 (k,) + indices
+      int32 (k,)``, ``8 * k`` bytes, ``64 * ratio`` bits per element; not
+      all-reduce compatible.
+    * Shared indices (``shared_seed`` set): every rank draws the same indices
+      from a generator seeded by ``(shared_seed, crc32(repr(key)), step)``,
+      where ``step`` counts this key's calls on this instance. The payload is
+      then the values only, ``4 * k`` bytes, ``32 * ratio`` bits per element,
+      and it is all-reduce compatible (BytePS PR #299). Ranks must call it in
+      lockstep per key, on the same device type. The indices depend on the
+      device type's generator, not on the values.
+
+    Decompressing in shared mode needs the indices: ``decompress``/``aggregate``
+    take them from this instance's latest ``compress`` of ``key`` (pass ``key=``;
+    without it, the latest ``compress`` of any key is used when its ``numel``
+    matches). ``allreduce_rounds`` carries the key itself.
+
+    Args:
+        ratio: density in (0, 1].
+        scale: multiply the sent values by ``numel / k`` so that
+            ``E[decompress(compress(x))] = x`` (unbiased). Leave it off with error
+            feedback: the residual of a scaled value is ``(1 - numel/k) x``.
+        shared_seed: seed of the shared index stream, or ``None`` for private
+            indices.
+    """
+
+    name: ClassVar[str] = "randomk"
+
+    def __init__(
+        self,
+        ratio: float = 0.01,
+        *,
+        scale: bool = False,
+        shared_seed: int | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(ratio, check_finite=check_finite)
+        self.scale = scale
+        self.shared_seed = shared_seed
+        self._steps: dict[Hashable, int] = {}
+        self._shared_indices: dict[Hashable, Tensor] = {}
+        self._latest_key: Hashable = None
+
+    @property
+    def allreduce_compatible(self) -> bool:  # type: ignore[override]
+        """True with a shared seed: all ranks send values at the same indices."""
+        return self.shared_seed is not None
+
+    @property
+    def bits_per_element(self) -> float:
+        return (32.0 if self.allreduce_compatible else 64.0) * self.ratio
+
+    def payload_spec(self, numel: int) -> tuple[TensorSpec, ...]:
+        if self.allreduce_compatible:
+            return (TensorSpec((self.k_for(numel),), torch.float32),)
+        return super().payload_spec(numel)
+
+    def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
+        numel = flat.numel()
+        check_index_range(numel, self.name)
+        values = as_float32(flat)
+        k = self.k_for(numel)
+        if self.shared_seed is None:
+            indices = torch.randperm(numel, device=flat.device)[:k].sort().values
+        else:
+            indices = self._draw_shared(key, numel, flat.device)
+        sent = values[indices]
+        if self.scale and k > 0:
+            sent = sent * (numel / k)
+        if self.shared_seed is None:
+            return sent, indices.to(INDEX_DTYPE)
+        return (sent,)
+
+    def _draw_shared(self, key: Hashable, numel: int, device: torch.device) -> Tensor:
+        assert self.shared_seed is not None
+        step = self._steps.get(key, 0)
+        self._steps[key] = step + 1
+        generator = seeded_generator(
+            derive_seed(self.shared_seed, stable_key_hash(key), step), device
+        )
+        perm = torch.randperm(numel, generator=generator, device=device)
+        indices = perm[: self.k_for(numel)].sort().values
+        self._shared_indices[key] = indices
+        self._latest_key = key
+        return indices
+
+    def _indices_for(self, key: Hashable, numel: int) -> Tensor:
+        if key is None:
+            key = self._latest_key
+        indices = self._shared_indices.get(key)
+        if indices is None:
+            raise ValueError(
+                f"{self.name}: no shared indices for tensor {key_name(key)}; in shared-seed "
+                "mode decompress/aggregate must follow compress of the same key on this "
+                "instance (or use allreduce_rounds)"
+            )
+        if indices.numel() != self.k_for(numel):
+            raise ValueError(
+                f"{self.name}: the latest shared indices for tensor {key_name(key)} are for "
+                f"another size ({indices.numel()} entries, numel {numel} needs "
+                f"{self.k_for(numel)}); pass key= to decompress/aggregate"
+            )
+        return indices
+
+    def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
+        if self.shared_seed is None:
+            return super()._decompress(payload, numel, key)
+        return _scatter(payload[0], self._indices_for(key, numel), numel)
+
+    def _aggregate(self, payloads: list[tuple[Tensor, ...]], numel: int, key: Hashable) -> Tensor:
+        if self.shared_seed is None:
+            return super()._aggregate(payloads, numel, key)
+        if not payloads:
+            return torch.zeros(numel, dtype=torch.float32)
+        summed = torch.stack([p[0] for p in payloads]).sum(dim=0)
+        return _scatter(summed, self._indices_for(key, numel), numel)
+
+    def _allreduce_rounds(self, flat: Tensor, key: Hashable) -> AllreduceRounds:
+        (values,) = self._compress(flat, key)
+        summed = yield Reduce(values, "sum")
+        return _scatter(summed, self._indices_for(key, flat.numel()), flat.numel())
+
+    def reset_state(self, key: Hashable = None) -> None:
+        if key is None:
+            self._steps.clear()
+            self._shared_indices.clear()
+        else:
+            self._steps.pop(key, None)
+            self._shared_indices.pop(key, None)
+
+
+DGC_WARMUP_DENSITIES: tuple[float, ...] = (0.25, 0.0625, 0.015625, 0.004)
+"""Densities of DGC's warm-up stages: sparsity 75%, 93.75%, 98.4375%, 99.6% (then 99.9%)."""
+
+
+@dataclass(frozen=True)
+class SparsityWarmup:
+    """DGC's warm-up schedule (Lin et al., ICLR 2018, section 3.3).
+
+    Sparsity rises exponentially over the first stages: 75%, 93.75%, 98.4375%,
+    99.6%, then the final density. Stages denser than the final density are
+    kept; the others are skipped. ``steps_per_stage`` is in whatever unit the
+    caller advances with :meth:`DGC.set_step`: with epochs as the unit and
+    ``steps_per_stage=1`` it is the paper's four warm-up epochs.
+    """
+
+    steps_per_stage: int
+    densities: tuple[float, ...] = DGC_WARMUP_DENSITIES
+
+    def __post_init__(self) -> None:
+        if self.steps_per_stage < 1:
+            raise ValueError(f"steps_per_stage must be >= 1, got {self.steps_per_stage}")
+
+    def density(self, step: int, final: float) -> float:
+        """Density at ``step`` for a compressor whose final density is ``final``."""
+        stages = [d for d in self.densities if d > final]
+        stage = max(step, 0) // self.steps_per_stage
+        return stages[stage] if stage < len(stages) else final
+
+
+class DGC(_IndexedSparsifier):
+    """Deep Gradient Compression's selection (Lin et al., ICLR 2018).
+
+    1. Sample ``ceil(sample_ratio * numel)`` entries (at least ``min_samples``)
+       uniformly with replacement.
+    2. Threshold = the ``j``-th largest sampled magnitude, with
+       ``j = ceil(e + threshold_margin * sqrt(e))`` for ``e = density * samples``
+       expected hits: it aims ``threshold_margin`` standard deviations of the
+       sampled count low, so that at least ``k`` entries pass almost always.
+    3. Select every entry with ``|x| >= threshold``. If more than ``k`` pass,
+       keep the ``k`` largest of them: a top-k over roughly
+       ``(1 + threshold_margin / sqrt(e)) * k`` candidates instead of the whole
+       tensor. If fewer pass (the sample overestimated the threshold), fall back
+       to an exact top-k. Either way the payload has exactly ``k`` entries, all
+       at least the k-th largest magnitude, so its size depends only on ``numel``.
+
+    Tensors with no more than ``min_samples`` elements use an exact top-k.
+    Payload and bytes as :class:`TopK`: ``8 * k`` bytes, ``64 * density`` bits
+    per element. Momentum correction, local gradient clipping and
+    momentum-factor masking are in :class:`thrifty.compressors.memory.DGCMemory`.
+
+    Warm-up: with ``warmup_steps_per_stage`` set, the density starts at 25% and
+    follows :class:`SparsityWarmup`; call :meth:`set_step` on every rank at the
+    same point. The payload size then depends on ``numel`` and the current stage.
+
+    Args:
+        ratio: final density (the paper uses 0.001).
+        sample_ratio: fraction of entries sampled for the threshold (0.1%–1%).
+        min_samples: smallest sample; smaller tensors are selected exactly.
+        threshold_margin: how many standard deviations the threshold aims low;
+            0 aims at exactly ``k`` and falls back to exact top-k about half the time.
+        warmup_steps_per_stage: steps per warm-up stage, or 0 for no warm-up.
+    """
+
+    name: ClassVar[str] = "dgc"
+
+    def __init__(
+        self,
+        ratio: float = 0.001,
+        *,
+        sample_ratio: float = 0.01,
+        min_samples: int = 1024,
+        threshold_margin: float = 3.0,
+        warmup_steps_per_stage: int = 0,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__(ratio, check_finite=check_finite)
+        self.sample_ratio = check_ratio(sample_ratio, "sample_ratio")
+        if min_samples < 1:
+            raise ValueError(f"min_samples must be >= 1, got {min_samples}")
+        if threshold_margin < 0.0:
+            raise ValueError(f"threshold_margin must be >= 0, got {threshold_margin}")
+        self.min_samples = min_samples
+        self.threshold_margin = threshold_margin
+        self.warmup = SparsityWarmup(warmup_steps_per_stage) if warmup_steps_per_stage > 0 else None
+        self._exact_fallbacks = 0
+        self._step = 0
+
+    @property
+    def exact_fallbacks(self) -> int:
+        """How often the sampled threshold passed fewer than k entries (exact top-k used)."""
+        return self._exact_fallbacks
+
+    @property
+    def density(self) -> float:
+        """The density in force now (the warm-up stage's, or ``ratio``)."""
+        if self.warmup is None:
+            return self.ratio
+        return self.warmup.density(self._step, self.ratio)
+
+    def set_step(self, step: int) -> None:
+        """Advance the warm-up schedule to ``step`` (call on all ranks alike)."""
+        self._step = step
+
+    def k_for(self, numel: int) -> int:
+        return sparse_count(self.density, numel)
+
+    @property
+    def bits_per_element(self) -> float:
+        return 64.0 * self.density
+
+    def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
+        numel = flat.numel()
+        check_index_range(numel, self.name)
+        values = as_float32(flat)
+        indices = self._select(values.abs(), self.k_for(numel), key)
+        return values[indices], indices.to(INDEX_DTYPE)
+
+    def _select(self, magnitude: Tensor, k: int, key: Hashable) -> Tensor:
+        numel = magnitude.numel()
+        num_samples = max(math.ceil(self.sample_ratio * numel), self.min_samples)
+        if num_samples >= numel or k == 0:
+            return _top_indices(magnitude, k)
+        picks = torch.randint(numel, (num_samples,), device=magnitude.device)
+        sample = magnitude[picks]
+        expected = self.density * num_samples
+        k_sample = min(
+            num_samples, max(1, math.ceil(expected + self.threshold_margin * math.sqrt(expected)))
+        )
+        threshold = torch.topk(sample, k_sample, sorted=False).values.min()
+        candidates = torch.nonzero(magnitude >= threshold).squeeze(1)
+        if candidates.numel() < k:
+            self._exact_fallbacks += 1
+            logger.debug(
+                "dgc: sampled threshold passed %d < k=%d entries of %s; exact top-k",
+                candidates.numel(),
+                k,
+                key_name(key),
+            )
+            return _top_indices(magnitude, k)
+        if candidates.numel() > k:
+            keep = torch.topk(magnitude[candidates], k, sorted=False).indices
+            candidates = candidates[keep].sort().values
+        return candidates
