@@ -96,12 +96,13 @@ _active_ledgers: list[CommLedger] = []
 
 
 @contextlib.contextmanager
-def count_bytes() -> Iterator[CommLedger]:
+def count_bytes(ledger: CommLedger | None = None) -> Iterator[CommLedger]:
     """Count the bytes of every collective of this module called inside the block.
 
-    Blocks nest: an outer ledger also sees what inner ones see.
+    Blocks nest: an outer ledger also sees what inner ones see. Pass an existing
+    ledger to keep adding to it (the engine keeps one for its lifetime).
     """
-    ledger = CommLedger()
+    ledger = CommLedger() if ledger is None else ledger
     _active_ledgers.append(ledger)
     try:
         yield ledger
