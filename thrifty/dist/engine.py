@@ -41,9 +41,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from thrifty.compressors import Compressor
-from thrifty.compressors.memory import Memory, NoMemory
+from thrifty.compressors.memory import Memory
 from thrifty.dist import collectives as C
-from thrifty.dist.plan import Group, Plan, Strategy
+from thrifty.dist.plan import Group, Plan, Strategy, has_feedback
 
 __all__ = ["GradientSync", "register_planner"]
 
@@ -321,7 +321,7 @@ class GradientSync:
                         total: Tensor = stop.value
                         break
                     reduced = C.all_reduce(nxt.tensor, _op(nxt.op), self.group)  # type: ignore[assignment]
-            if state.memory is not None and not isinstance(state.memory, NoMemory):
+            if has_feedback(state.memory):
                 state.memory.update(key, compensated, self._sent(compressor, own, total, key))
             return total / self.world_size
 
@@ -345,7 +345,7 @@ class GradientSync:
     ) -> tuple[Tensor, ...]:
         compensated = self._compensate(memory, flat, key)
         payload = compressor.compress(compensated, key)
-        if memory is not None:
+        if has_feedback(memory):
             memory.update(key, compensated, compressor.decompress(payload, flat.numel(), key))
         return payload
 
@@ -376,7 +376,7 @@ class GradientSync:
         keys = [(state.index, "shard", j) for j in range(n)]
         parts = compensated.split(shard) if shard else [padded] * n
         payloads = [compressor.compress(part, k) for part, k in zip(parts, keys, strict=True)]
-        if state.memory is not None:
+        if has_feedback(state.memory):
             sent = [compressor.decompress(p, shard, k) for p, k in zip(payloads, keys, strict=True)]
             state.memory.update(state.index, compensated, torch.cat(sent) if shard else padded)
         layout = C.Layout.of(payloads[0])

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from thrifty.compressors import Compressor, default_memory, get_compressor, get_memory
-from thrifty.compressors.memory import Memory
+from thrifty.compressors.memory import Memory, NoMemory
 
 __all__ = ["COLLECTIVES", "Collective", "Group", "Plan", "Strategy"]
 
@@ -131,6 +131,11 @@ class Strategy:
             data["collective"],
             data.get("memory", "default"),
         )
+
+
+def has_feedback(memory: Memory | None) -> bool:
+    """Whether a memory keeps state (so the sender must decompress its own payload)."""
+    return memory is not None and not isinstance(memory, NoMemory)
 
 
 @dataclass(frozen=True)

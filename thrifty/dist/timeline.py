@@ -1,0 +1,160 @@
+"""Timeline: simulate one iteration of (Profile, Plan, NetworkModel) without running it.
+
+The model follows Espresso's simulator (our note, section 1.3), adapted to how
+:class:`~thrifty.dist.engine.GradientSync` executes a plan:
+
+* A group is ready when its last tensor is ready (profiled ready times).
+* Groups launch in plan order (every rank must issue collectives in the same
+  order), so a group also waits for the launch of the group before it.
+* Encoding runs in the backward thread: it delays every later gradient by its
+  duration (compression contends with backward).
+* Offloaded groups (``Strategy.offload``) encode on a separate serial CPU lane
+  instead, which does not delay backward.
+* One FIFO channel: a collective starts when its payload is ready and the
+  previous collective has finished.
+* At the end of backward the engine finishes groups in order: wait for the
+  collective, decode the payloads (one per rank for all-gather), and for the
+  divisible scheme and multi-round all-reduce run the second phase.
+* Iteration = forward + that end + optimizer step.
+
+``simulate`` returns the predicted time and the per-group schedule, so a
+planner can see where the bubbles are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from thrifty.dist.network import NetworkModel
+from thrifty.dist.plan import Group, Plan, Strategy
+from thrifty.dist.profile import Profile
+
+__all__ = ["GroupSchedule", "Timeline", "comm_time", "simulate"]
+
+
+@dataclass(frozen=True)
+class GroupSchedule:
+    index: int
+    numel: int
+    ready: float  # after backward start, including delays from earlier encodes
+    encode_end: float
+    comm_start: float
+    comm_end: float
+    finish: float
+    wire_bytes: int  # payload bytes this rank contributes (first phase)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    iteration: float
+    backward_end: float
+    groups: tuple[GroupSchedule, ...]
+
+    @property
+    def exposed_comm(self) -> float:
+        """Seconds of the iteration spent after backward waiting for synchronisation."""
+        return self.groups[-1].finish - self.backward_end if self.groups else 0.0
+
+    def bubbles(self) -> list[int]:
+        """Groups whose collective starts on an idle channel (nothing to hide behind)."""
+        out, channel = [], 0.0
+        for g in self.groups:
+            if g.comm_start > channel and g.index > 0:
+                out.append(g.index)
+            channel = g.comm_end
+        return out
+
+
+def _payload_bytes(strategy: Strategy, numel: int) -> int:
+    compressor = strategy.build_compressor()
+    if compressor is None:
+        return 4 * numel
+    return compressor.payload_nbytes(numel)
+
+
+def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> tuple[float, float]:
+    """(first phase, second phase) seconds of one group's collectives on ``n`` ranks.
+
+    The second phase runs at the end of backward: the re-compressed all-gather
+    of the divisible scheme, or the later rounds of a multi-round all-reduce.
+    """
+    compressor = strategy.build_compressor()
+    if compressor is None:
+        return network.time("all_reduce", 4 * numel, n), 0.0
+    if strategy.collective == "all_reduce":
+        rounds = [r.spec.nbytes for r in compressor.allreduce_round_specs(numel)]
+        times = [network.time("all_reduce", b, n) for b in rounds]
+        return times[0], sum(times[1:])
+    if strategy.collective == "all_gather":
+        return network.time("all_gather", compressor.payload_nbytes(numel) * n, n), 0.0
+    shard = -(-numel // n)
+    per_shard = compressor.payload_nbytes(shard)
+    return (
+        network.time("all_to_all", per_shard * n, n),
+        network.time("all_gather", per_shard * n, n),
+    )
+
+
+def _decode_time(profile: Profile, strategy: Strategy, numel: int, n: int) -> float:
+    if strategy.compressor is None:
+        return 0.0
+    cost = profile.cost(strategy)
+    if strategy.collective == "all_reduce":
+        return cost.decode_time(numel)
+    if strategy.collective == "all_gather":
+        return n * cost.decode_time(numel)
+    shard = -(-numel // n)
+    # aggregate n shard payloads, re-encode the sum, decode n gathered shards
+    return n * cost.decode_time(shard) + cost.encode_time(shard) + n * cost.decode_time(shard)
+
+
+def _encode_time(profile: Profile, strategy: Strategy, numel: int, n: int) -> float:
+    if strategy.compressor is None:
+        return 0.0
+    cost = profile.cost(strategy)
+    if strategy.collective == "all_to_all":
+        return n * cost.encode_time(-(-numel // n))
+    return cost.encode_time(numel)
+
+
+def simulate(
+    profile: Profile, plan: Plan, network: NetworkModel, world_size: int | None = None
+) -> Timeline:
+    """Predict one iteration's time and per-group schedule (see the module docstring)."""
+    n = world_size or profile.world_size
+    by_name = {t.name: t for t in profile.tensors}
+    missing = [name for name in plan.names if name not in by_name]
+    if missing:
+        raise ValueError(f"plan names tensors the profile lacks: {missing[:5]}")
+    delay = 0.0  # backward time added by encodes on the backward thread
+    launch = 0.0  # plan order: no group launches before the previous one
+    cpu_lane = 0.0
+    channel = 0.0
+    schedule: list[tuple[Group, float, float, float, float, int, float]] = []
+    for group in plan.groups:
+        strategy = group.strategy
+        numel = sum(by_name[name].numel for name in group.names)
+        ready = max((by_name[name].ready for name in group.names), default=0.0) + delay
+        start = max(ready, launch)
+        encode = _encode_time(profile, strategy, numel, n)
+        if getattr(strategy, "offload", False):
+            cpu_lane = max(cpu_lane, start) + encode
+            encode_end = cpu_lane
+        else:
+            encode_end = start + encode
+            delay += encode
+        launch = start
+        first, second = comm_time(strategy, numel, n, network)
+        comm_start = max(encode_end, channel)
+        channel = comm_start + first
+        schedule.append(
+            (group, ready, encode_end, comm_start, channel, _payload_bytes(strategy, numel), second)
+        )
+    backward_end = profile.backward + delay
+    t = backward_end
+    groups = []
+    for i, (group, ready, encode_end, comm_start, comm_end, nbytes, second) in enumerate(schedule):
+        numel = sum(by_name[name].numel for name in group.names)
+        t = max(t, comm_end) + _decode_time(profile, group.strategy, numel, n) + second
+        groups.append(GroupSchedule(i, numel, ready, encode_end, comm_start, comm_end, t, nbytes))
+    return Timeline(profile.forward + t + profile.step, backward_end, tuple(groups))
