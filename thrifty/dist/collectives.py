@@ -27,7 +27,7 @@ import contextlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -148,6 +148,29 @@ class Pending(Generic[T]):
 
     def is_completed(self) -> bool:
         return self._done or self._work is None or self._work.is_completed()
+
+    def get_future(self) -> torch.futures.Future[Any]:
+        """The underlying ``torch.futures.Future`` (for DDP hooks and ``then`` chains)."""
+        if self._work is not None:
+            return self._work.get_future()
+        done: torch.futures.Future[Any] = torch.futures.Future()
+        done.set_result(None)
+        return done
+
+    def then(self, fn: Callable[[T], Any]) -> torch.futures.Future[Any]:
+        """A future of ``fn(result)``, run when the collective completes.
+
+        Use this instead of :meth:`wait` inside future callbacks (DDP hooks):
+        waiting there on the work that is completing would deadlock.
+        """
+
+        def on_done(fut: torch.futures.Future[Any]) -> Any:
+            fut.value()  # re-raises the collective's error, if any
+            if not self._done:
+                self._value, self._done = self._finish(), True
+            return fn(self._value)  # type: ignore[arg-type]
+
+        return self.get_future().then(on_done)
 
     def wait(self) -> T:
         if not self._done:

@@ -304,9 +304,12 @@ class GradientSync:
     def _launch_allreduce(self, state: _GroupState, flat: Tensor) -> Callable[[], Tensor]:
         compressor = state.compressor
         assert compressor is not None
-        key = state.index
+        key, n = state.index, self.world_size
         compensated = self._compensate(state.memory, flat, key)
-        rounds = compressor.allreduce_rounds(compensated, key)
+        # Linear compressors (payloads sum elementwise) get the input divided
+        # first, like DDP's fp16 hook: the sum then cannot overflow FP16.
+        linear = compressor.allreduce_compatible
+        rounds = compressor.allreduce_rounds(compensated / n if linear else compensated, key)
         request = next(rounds)
         own = request.tensor.clone()
         pending = C.all_reduce(request.tensor, _op(request.op), self.group, async_op=True)
@@ -321,24 +324,28 @@ class GradientSync:
                         total: Tensor = stop.value
                         break
                     reduced = C.all_reduce(nxt.tensor, _op(nxt.op), self.group)  # type: ignore[assignment]
+            mean = total if linear else total / n
             if has_feedback(state.memory):
-                state.memory.update(key, compensated, self._sent(compressor, own, total, key))
-            return total / self.world_size
+                sent = self._sent(compressor, own, mean, key, scale=n if linear else 1)
+                state.memory.update(key, compensated, sent)
+            return mean
 
         return finish
 
-    def _sent(self, compressor: Compressor, own: Tensor, total: Tensor, key: Any) -> Tensor:
+    def _sent(
+        self, compressor: Compressor, own: Tensor, mean: Tensor, key: Any, scale: int
+    ) -> Tensor:
         """What this rank contributed on the all-reduce path, for error feedback.
 
         When the single round carries the compressor's own payload, it is its
-        decompression; otherwise (PowerSGD's two rounds, the int8 sign vote) the
-        paper's convention: the mean approximation ``total / world_size``.
+        decompression (times the pre-division); otherwise (PowerSGD's two rounds,
+        the int8 sign vote) the paper's convention: the mean approximation.
         """
-        numel = total.numel()
+        numel = mean.numel()
         specs = compressor.payload_spec(numel)
         if len(specs) == 1 and specs[0].matches(own):
-            return compressor.decompress((own,), numel, key)
-        return total / self.world_size
+            return compressor.decompress((own,), numel, key) * scale
+        return mean
 
     def _compress(
         self, compressor: Compressor, memory: Memory | None, flat: Tensor, key: Any
