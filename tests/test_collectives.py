@@ -152,3 +152,28 @@ def test_wire_bytes_model() -> None:
 def test_collectives_need_an_initialised_group() -> None:
     with pytest.raises(RuntimeError, match="not initialised"):
         C.all_reduce(torch.zeros(1))
+
+
+def check_reused_buffers_and_adjacent_chunks() -> None:
+    rank, n = dist.get_rank(), dist.get_world_size()
+    flat = torch.arange(n * 3, dtype=torch.float32) + 100 * rank
+    out = torch.full((n * 3,), -1.0)
+    got = C.all_to_all_v(list(flat.split(3)), recv_sizes=[3] * n, out=out)
+    for src in range(n):
+        assert torch.equal(got[src], torch.arange(3 * rank, 3 * rank + 3) + 100.0 * src)
+        assert got[src].data_ptr() == out[3 * src :].data_ptr()  # written in place
+    # Non-adjacent chunks (reversed) still go to the right ranks.
+    backwards = list(reversed(flat.split(3)))
+    got = C.all_to_all_v(backwards, recv_sizes=[3] * n)
+    for src in range(n):
+        assert torch.equal(got[src], torch.arange(3 * (n - 1 - rank), 3 * (n - rank)) + 100.0 * src)
+    gathered = [torch.empty(2) for _ in range(n)]
+    C.all_gather(torch.full((2,), float(rank)), out=gathered)
+    assert [g.tolist() for g in gathered] == [[float(r)] * 2 for r in range(n)]
+    with pytest.raises(ValueError, match="out must be"):
+        C.all_to_all_v(list(flat.split(3)), recv_sizes=[3] * n, out=torch.empty(1))
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_reused_buffers_and_adjacent_chunks(world_size: int) -> None:
+    run_ranks(check_reused_buffers_and_adjacent_chunks, world_size)

@@ -33,7 +33,7 @@ from thrifty.bench import netem
 from thrifty.bench.launch import run_ranks
 from thrifty.bench.results import results_dir, write_json
 from thrifty.dist import collectives as C
-from thrifty.dist.network import PRIMITIVES, Measurement, NetworkModel
+from thrifty.dist.network import LARGE_MESSAGE, PRIMITIVES, Measurement, NetworkModel
 
 __all__ = ["DEFAULT_SIZES", "fit_report", "measure", "run_benchmark"]
 
@@ -41,17 +41,19 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SIZES = tuple(4096 * 4**i for i in range(8))  # 4 KB ... 64 MB
 LOOPBACK = "loopback"
-ACCURACY_FROM_BYTES = 1 << 20  # the fit is judged on messages >= 1 MB
+ACCURACY_FROM_BYTES = LARGE_MESSAGE  # the fit is judged on messages >= 1 MB
 
 
-def _run_once(primitive: str, buf: torch.Tensor, n: int) -> None:
+def _run_once(primitive: str, buf: torch.Tensor, out: torch.Tensor, n: int) -> None:
+    """One collective on ``buf``, receiving into ``out``: the network, not the allocator."""
+    chunk = buf.numel() // n
     if primitive == "all_reduce":
         C.all_reduce(buf)
     elif primitive == "all_gather":
-        C.all_gather(buf[: buf.numel() // n])
+        C.all_gather(buf[:chunk], out=list(out[: chunk * n].split(chunk)))
     elif primitive == "all_to_all":
-        chunk = buf.numel() // n
-        C.all_to_all_v(list(buf[: chunk * n].split(chunk)), recv_sizes=[chunk] * n)
+        C.all_to_all_v(list(buf[: chunk * n].split(chunk)), recv_sizes=[chunk] * n,
+                       out=out[: chunk * n])  # fmt: skip
     else:
         raise ValueError(f"unknown primitive {primitive!r}")
 
@@ -66,15 +68,16 @@ def _time_rank(
     out = []
     for primitive, nbytes in bar:
         buf = torch.ones(max(n, nbytes // 4), dtype=torch.float32)
+        out = torch.empty_like(buf)
         if nbytes <= 4 << 20:
-            _run_once(primitive, buf, n)  # warm-up: connections, allocator
+            _run_once(primitive, buf, out, n)  # warm-up: connections, allocator
         reps: list[float] = []
         # Decide on the all-reduced times, never a local clock: every rank must
         # run the same number of reps or the collectives mismatch.
         while len(reps) < 3 or (sum(reps) < budget_s and len(reps) < 20):
             dist.barrier()
             start = time.perf_counter()
-            _run_once(primitive, buf, n)
+            _run_once(primitive, buf, out, n)
             elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             reps.append(elapsed.item())

@@ -24,6 +24,7 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -217,16 +218,25 @@ def all_reduce(
 
 
 def all_gather(
-    tensor: torch.Tensor, group: dist.ProcessGroup | None = None, async_op: bool = False
+    tensor: torch.Tensor,
+    group: dist.ProcessGroup | None = None,
+    async_op: bool = False,
+    out: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor] | Pending[list[torch.Tensor]]:
     """All-gather of tensors that have the same shape and dtype on every rank.
 
     Use :func:`all_gather_v` when sizes differ: a mismatch here makes gloo fail or hang.
+    ``out`` (one tensor like ``tensor`` per rank) is reused instead of allocated:
+    fresh buffers of 32 MB and more are mmap-ed by glibc on every call, and the
+    page faults then cost more than a fast link.
     """
     _, n = _world(group)
     tensor = tensor.contiguous()
     _record("all_gather", _nbytes(tensor), (n - 1) * _nbytes(tensor))
-    out = [torch.empty_like(tensor) for _ in range(n)]
+    if out is None:
+        out = [torch.empty_like(tensor) for _ in range(n)]
+    elif len(out) != n:
+        raise ValueError(f"out has {len(out)} tensors but the group has {n} ranks")
     work = dist.all_gather(out, tensor, group=group, async_op=async_op)
     if async_op:
         return Pending(work, lambda: out)
@@ -284,16 +294,33 @@ def all_gather_v(
     return finish()
 
 
+def _concatenated(chunks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The chunks as one flat tensor; a view, not a copy, when they are adjacent slices."""
+    first = chunks[0]
+    adjacent = all(c.is_contiguous() for c in chunks) and all(
+        b.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and b.data_ptr() == a.data_ptr() + _nbytes(a)
+        for a, b in itertools.pairwise(chunks)
+    )
+    if adjacent:
+        total = sum(c.numel() for c in chunks)
+        return first.as_strided((total,), (1,), first.storage_offset())
+    return torch.cat([c.contiguous() for c in chunks])
+
+
 def all_to_all_v(
     chunks: Sequence[torch.Tensor],
     group: dist.ProcessGroup | None = None,
     async_op: bool = False,
     recv_sizes: Sequence[int] | None = None,
+    out: torch.Tensor | None = None,
 ) -> list[torch.Tensor] | Pending[list[torch.Tensor]]:
     """Send ``chunks[j]`` to rank ``j``; return the list of chunks received, by sender.
 
     Chunks are 1-D tensors of one dtype and any lengths, empty included. When
-    ``recv_sizes`` is not given, the lengths are exchanged first.
+    ``recv_sizes`` is not given, the lengths are exchanged first. Chunks that are
+    adjacent slices of one tensor are sent without a copy; ``out`` (a flat
+    buffer of the total received length) is reused instead of allocated.
     """
     rank, n = _world(group)
     if len(chunks) != n:
@@ -315,8 +342,16 @@ def all_to_all_v(
     itemsize = chunks[0].element_size()
     sent = sum(s for j, s in enumerate(send_sizes) if j != rank) * itemsize
     _record("all_to_all_v", sent, sent)
-    send = torch.cat([c.contiguous() for c in chunks])
-    recv = torch.empty(sum(recv_sizes), dtype=send.dtype)
+    send = _concatenated(chunks)
+    if out is None:
+        recv = torch.empty(sum(recv_sizes), dtype=send.dtype)
+    elif out.dim() != 1 or out.numel() != sum(recv_sizes) or out.dtype != send.dtype:
+        raise ValueError(
+            f"out must be a 1-D {send.dtype} tensor of {sum(recv_sizes)} elements, got "
+            f"{out.dtype} {tuple(out.shape)}"
+        )
+    else:
+        recv = out
     work = dist.all_to_all_single(
         recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
         group=group, async_op=async_op,
