@@ -68,16 +68,16 @@ def _time_rank(
     out = []
     for primitive, nbytes in bar:
         buf = torch.ones(max(n, nbytes // 4), dtype=torch.float32)
-        out = torch.empty_like(buf)
+        recv = torch.empty_like(buf)
         if nbytes <= 4 << 20:
-            _run_once(primitive, buf, out, n)  # warm-up: connections, allocator
+            _run_once(primitive, buf, recv, n)  # warm-up: connections, allocator
         reps: list[float] = []
         # Decide on the all-reduced times, never a local clock: every rank must
         # run the same number of reps or the collectives mismatch.
         while len(reps) < 3 or (sum(reps) < budget_s and len(reps) < 20):
             dist.barrier()
             start = time.perf_counter()
-            _run_once(primitive, buf, out, n)
+            _run_once(primitive, buf, recv, n)
             elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
             dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
             reps.append(elapsed.item())

@@ -1,8 +1,8 @@
 """Alpha-beta network model per collective, fitted on measured timings.
 
-``time = alpha + beta * wire_bytes(primitive, nbytes, n)``: alpha is the fixed
-cost of one call (latency, synchronisation, launch), beta the seconds per byte
-a rank puts on the wire (see :func:`thrifty.dist.collectives.wire_bytes` for
+``time = max(floor, alpha + beta * wire_bytes(primitive, nbytes, n))``: floor
+is the fixed cost of one small call (latency, synchronisation, launch), beta
+the seconds per byte a rank puts on the wire (see :func:`thrifty.dist.collectives.wire_bytes` for
 each primitive's volume). One pair is fitted per (primitive, world size)
 because on a shared link all ranks' bytes queue on one bottleneck, which the
 per-rank volume alone cannot tell. The timeline of MergeComp and ByteComp asks
@@ -34,11 +34,19 @@ LARGE_MESSAGE = 1 << 20  # bandwidth is fitted on messages at least this big
 
 @dataclass(frozen=True)
 class AlphaBeta:
-    alpha: float  # seconds per call
+    """``max(floor, alpha + beta * volume)`` seconds for ``volume`` wire bytes per rank.
+
+    ``floor`` is the cost of the smallest call (latency, synchronising the
+    ranks); large messages overlap it with the transfer, so their line has its
+    own, usually smaller, intercept ``alpha``.
+    """
+
+    alpha: float  # seconds: intercept of the bandwidth line
     beta: float  # seconds per wire byte of one rank
+    floor: float = 0.0  # seconds: no call is faster than this
 
     def time(self, volume: float) -> float:
-        return self.alpha + self.beta * volume
+        return max(self.floor, self.alpha + self.beta * volume)
 
 
 @dataclass(frozen=True)
@@ -61,30 +69,27 @@ def _relative_lstsq(vol: np.ndarray, t: np.ndarray) -> AlphaBeta:
 
 
 def _fit_one(points: list[Measurement]) -> AlphaBeta:
-    """Hockney's fit: latency from the smallest messages, bandwidth from the large ones.
+    """Bandwidth line from the large messages, latency floor from the smallest.
 
-    A single least-squares line through 4 KB ... 64 MB is pulled by the middle
-    sizes, where a token-bucket link (and a real NIC's buffers) let a burst pass
-    faster than the sustained rate; it then under-predicts large messages, which
-    dominate iteration time. So alpha is the median time of the two smallest
-    messages, and beta minimises the relative error of messages >= 1 MB (or of
-    the larger half when there are fewer than two such). With fewer than four
-    sizes the plain relative least-squares line is used.
+    One least-squares line through 4 KB ... 64 MB fits neither end: small calls
+    cost a fixed synchronisation time (milliseconds when several ranks share a
+    core), while large ones grow linearly with an intercept well below it, and
+    a token-bucket link lets mid-size bursts through faster than the sustained
+    rate. So ``alpha`` and ``beta`` minimise the relative error of messages
+    >= 1 MB (or of the larger half when fewer than two are that big), and
+    ``floor`` is the median time of the two smallest messages. With fewer than
+    four sizes, one relative least-squares line over all of them.
     """
     points = sorted(points, key=lambda p: p.nbytes)
     vol = np.array([wire_bytes(p.primitive, p.nbytes, p.world_size) for p in points])
     t = np.array([p.seconds for p in points])
     if len(points) < 4:
         return _relative_lstsq(vol, t)
-    alpha = float(min(np.median(t[:2]), t.min()))
     large = np.array([p.nbytes >= LARGE_MESSAGE for p in points])
     if large.sum() < 2:
         large = np.arange(len(points)) >= len(points) // 2
-    v, tl = vol[large], t[large]
-    beta = float(np.sum((v / tl) * (1 - alpha / tl)) / np.sum((v / tl) ** 2))
-    if beta <= 0:
-        return _relative_lstsq(vol, t)
-    return AlphaBeta(alpha, beta)
+    line = _relative_lstsq(vol[large], t[large])
+    return AlphaBeta(line.alpha, line.beta, float(np.median(t[:2])))
 
 
 @dataclass
@@ -141,7 +146,10 @@ class NetworkModel:
         return {
             "name": self.name,
             "fits": {
-                p: {str(n): {"alpha": ab.alpha, "beta": ab.beta} for n, ab in by_n.items()}
+                p: {
+                    str(n): {"alpha": ab.alpha, "beta": ab.beta, "floor": ab.floor}
+                    for n, ab in by_n.items()
+                }
                 for p, by_n in self.fits.items()
             },
         }
@@ -149,7 +157,10 @@ class NetworkModel:
     @classmethod
     def from_dict(cls, data: dict) -> NetworkModel:
         fits = {
-            p: {int(n): AlphaBeta(v["alpha"], v["beta"]) for n, v in by_n.items()}
+            p: {
+                int(n): AlphaBeta(v["alpha"], v["beta"], v.get("floor", 0.0))
+                for n, v in by_n.items()
+            }
             for p, by_n in data["fits"].items()
         }
         return cls(data["name"], fits)
