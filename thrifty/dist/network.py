@@ -77,8 +77,9 @@ def _fit_one(points: list[Measurement]) -> AlphaBeta:
     a token-bucket link lets mid-size bursts through faster than the sustained
     rate. So ``alpha`` and ``beta`` minimise the relative error of messages
     >= 1 MB (or of the larger half when fewer than two are that big), and
-    ``floor`` is the median time of the two smallest messages. With fewer than
-    four sizes, one relative least-squares line over all of them.
+    ``floor`` is the time of the smallest message (itself a median of reps), and
+    the line never passes above that point. With fewer than four sizes, one relative least-squares
+    line over all of them.
     """
     points = sorted(points, key=lambda p: p.nbytes)
     vol = np.array([wire_bytes(p.primitive, p.nbytes, p.world_size) for p in points])
@@ -88,8 +89,17 @@ def _fit_one(points: list[Measurement]) -> AlphaBeta:
     large = np.array([p.nbytes >= LARGE_MESSAGE for p in points])
     if large.sum() < 2:
         large = np.arange(len(points)) >= len(points) // 2
-    line = _relative_lstsq(vol[large], t[large])
-    return AlphaBeta(line.alpha, line.beta, float(np.median(t[:2])))
+    floor = float(t[0])
+    v, tl = vol[large], t[large]
+    line = _relative_lstsq(v, tl)
+    if line.time(vol[0]) > floor:
+        # Large messages say little about the intercept; a line above the
+        # smallest call would over-predict every smaller message. Make the line
+        # pass through the smallest call instead.
+        dv = v - vol[0]
+        beta = max(float(np.sum((dv / tl) * (1 - floor / tl)) / np.sum((dv / tl) ** 2)), 0.0)
+        line = AlphaBeta(max(floor - beta * float(vol[0]), 0.0), beta)
+    return AlphaBeta(line.alpha, line.beta, floor)
 
 
 @dataclass
