@@ -93,13 +93,16 @@ def bench_collectives(
             sizes,
             budget,
         )
-    table = Table(title="alpha-beta fit per primitive (time = alpha + bytes on wire / bandwidth)")
-    for column in ("rate", "primitive", "ranks", "alpha (us)", "GB/s per rank", "max err >= 1MB"):
+    table = Table(title="fit per primitive: time = max(floor, alpha + bytes on wire / bandwidth)")
+    columns = ("rate", "primitive", "ranks", "floor (us)", "alpha (us)", "GB/s per rank",
+               "max err >= 1MB")  # fmt: skip
+    for column in columns:
         table.add_column(column, justify="right")
     for row in summary_rows(payload):
         err = row["max_err_ge_1MB"]
         table.add_row(
-            row["rate"], row["primitive"], str(row["world_size"]), f"{row['alpha_us']:.0f}",
+            row["rate"], row["primitive"], str(row["world_size"]), f"{row['floor_us']:.0f}",
+            f"{row['alpha_us']:.0f}",
             f"{row['GB_per_s']:.3f}", "-" if err is None else f"{err:.1%}",
         )  # fmt: skip
     console.print(table)

@@ -256,6 +256,7 @@ def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 report = fit_report(model, pts)
                 out.append({
                     "rate": model.name, "primitive": primitive, "world_size": n,
+                    "floor_us": ab.floor * 1e6,
                     "alpha_us": ab.alpha * 1e6,
                     "GB_per_s": (1 / ab.beta / 1e9) if ab.beta > 0 else float("inf"),
                     "max_err_ge_1MB": report["max_abs_rel_error_ge_1MB"],
