@@ -14,12 +14,9 @@ Run with ``thrifty bench collectives`` or ``python benchmarks/collectives.py``.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,13 +103,7 @@ def _measure_in_namespace(
 ) -> list[dict[str, Any]]:
     spec = {"world_size": world_size, "sizes": list(sizes), "budget_s": budget_s,
             "label": f"{rate} n={world_size}"}  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp, netem.rate_limited_loopback(rate) as ns:
-        out = Path(tmp) / "rows.json"
-        spec["out"] = str(out)
-        argv = [sys.executable, "-m", "thrifty.bench.collectives", json.dumps(spec)]
-        # c10d warns that it cannot resolve the namespace's host name: harmless.
-        ns.run(argv, check=True, env={**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"})
-        return json.loads(out.read_text())
+    return netem.run_worker(rate, "thrifty.bench.collectives", spec)
 
 
 def _measurement(row: dict[str, Any]) -> Measurement:
@@ -264,16 +255,11 @@ def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
-def _worker(spec_json: str) -> None:
-    """Entry point inside a namespace: measure and write the rows to ``spec['out']``."""
-    spec = json.loads(spec_json)
-    rows = measure(
-        spec["world_size"], spec["sizes"], budget_s=spec["budget_s"], label=spec["label"]
-    )
-    Path(spec["out"]).write_text(json.dumps(rows))
+def _worker(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Entry point inside a namespace (see :func:`thrifty.bench.netem.run_worker`)."""
+    n, sizes, budget = spec["world_size"], spec["sizes"], spec["budget_s"]
+    return measure(n, sizes, budget_s=budget, label=spec["label"])
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        sys.exit("internal entry point; use `thrifty bench collectives`")
-    _worker(sys.argv[1])
+    netem.worker_main(_worker)

@@ -20,15 +20,19 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import re
 import shutil
 import signal
 import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 __all__ = ["NetNamespace", "NetemUnavailable", "parse_rate", "rate_limited_loopback"]
@@ -177,3 +181,31 @@ def rate_limited_loopback(
                 if child.poll() is None:
                     child.kill()
             _delete(name)
+
+
+def run_worker(rate: str | None, module: str, spec: dict[str, Any]) -> Any:
+    """Run ``python -m <module> <spec as JSON>`` and return what it wrote to ``spec["out"]``.
+
+    With a rate (``"1gbit"``) the process and every rank it starts live in a
+    fresh rate-limited namespace; with None (or ``"loopback"``) it runs on the
+    plain loopback. The module's ``__main__`` calls :func:`worker_main`.
+    """
+    with tempfile.TemporaryDirectory(prefix="thrifty-worker-") as tmp:
+        out = Path(tmp) / "result.json"
+        argv = [sys.executable, "-m", module, json.dumps({**spec, "out": str(out)})]
+        # c10d warns that it cannot resolve a namespace's host name: harmless.
+        env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"}
+        if rate in (None, "loopback"):
+            subprocess.run(argv, check=True, env=env)
+        else:
+            with rate_limited_loopback(rate) as ns:
+                ns.run(argv, check=True, env=env)
+        return json.loads(out.read_text())
+
+
+def worker_main(fn: Any) -> None:
+    """``__main__`` of a worker module: ``fn(spec)``'s JSON-able result goes to ``spec["out"]``."""
+    if len(sys.argv) != 2:
+        sys.exit("internal entry point of a thrifty benchmark; run it through the thrifty CLI")
+    spec = json.loads(sys.argv[1])
+    Path(spec["out"]).write_text(json.dumps(fn(spec)))
