@@ -23,13 +23,25 @@ planner can see where the bubbles are.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from thrifty.compressors import Compressor
 from thrifty.dist.network import NetworkModel
-from thrifty.dist.plan import Group, Plan, Strategy
+from thrifty.dist.plan import Plan, Strategy
 from thrifty.dist.profile import Profile
 
-__all__ = ["GroupSchedule", "Timeline", "comm_time", "simulate"]
+__all__ = [
+    "GroupCost",
+    "GroupSchedule",
+    "Timeline",
+    "comm_time",
+    "group_cost",
+    "payload_bytes",
+    "schedule",
+    "simulate",
+]
 
 
 @dataclass(frozen=True)
@@ -65,11 +77,16 @@ class Timeline:
         return out
 
 
-def _payload_bytes(strategy: Strategy, numel: int) -> int:
-    compressor = strategy.build_compressor()
-    if compressor is None:
-        return 4 * numel
-    return compressor.payload_nbytes(numel)
+@functools.lru_cache(maxsize=256)
+def _compressor(strategy: Strategy) -> Compressor | None:
+    """One instance per strategy for size queries (sizes do not depend on state)."""
+    return strategy.build_compressor()
+
+
+def payload_bytes(strategy: Strategy, numel: int) -> int:
+    """Bytes one rank contributes for a group of ``numel`` elements."""
+    compressor = _compressor(strategy)
+    return 4 * numel if compressor is None else compressor.payload_nbytes(numel)
 
 
 def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> tuple[float, float]:
@@ -78,7 +95,7 @@ def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> 
     The second phase runs at the end of backward: the re-compressed all-gather
     of the divisible scheme, or the later rounds of a multi-round all-reduce.
     """
-    compressor = strategy.build_compressor()
+    compressor = _compressor(strategy)
     if compressor is None:
         return network.time("all_reduce", 4 * numel, n), 0.0
     if strategy.collective == "all_reduce":
@@ -95,26 +112,79 @@ def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> 
     )
 
 
-def _decode_time(profile: Profile, strategy: Strategy, numel: int, n: int) -> float:
-    if strategy.compressor is None:
-        return 0.0
-    cost = profile.cost(strategy)
-    if strategy.collective == "all_reduce":
-        return cost.decode_time(numel)
-    if strategy.collective == "all_gather":
-        return n * cost.decode_time(numel)
-    shard = -(-numel // n)
-    # aggregate n shard payloads, re-encode the sum, decode n gathered shards
-    return n * cost.decode_time(shard) + cost.encode_time(shard) + n * cost.decode_time(shard)
+@dataclass(frozen=True)
+class GroupCost:
+    """What the timeline needs of one group, independent of the groups around it."""
+
+    numel: int
+    ready: float  # when its last tensor is ready, before any encode delays
+    encode: float  # sender's work: error feedback + compression
+    first: float  # collective launched right after encoding
+    post: float  # at the end of backward: decode, second phase
+    payload_bytes: int
+    offload: bool = False
 
 
-def _encode_time(profile: Profile, strategy: Strategy, numel: int, n: int) -> float:
+def group_cost(
+    profile: Profile,
+    numel: int,
+    ready: float,
+    strategy: Strategy,
+    network: NetworkModel,
+    n: int,
+) -> GroupCost:
+    first, second = comm_time(strategy, numel, n, network)
     if strategy.compressor is None:
-        return 0.0
-    cost = profile.cost(strategy)
-    if strategy.collective == "all_to_all":
-        return n * cost.encode_time(-(-numel // n))
-    return cost.encode_time(numel)
+        encode = decode = 0.0
+    else:
+        cost = profile.cost(strategy)
+        shard = -(-numel // n)
+        if strategy.collective == "all_reduce":
+            encode, decode = cost.encode_time(numel), cost.decode_time(numel)
+        elif strategy.collective == "all_gather":
+            encode, decode = cost.encode_time(numel), n * cost.decode_time(numel)
+        else:  # divisible: n shards out; aggregate n, re-encode, decode n gathered shards
+            encode = n * cost.encode_time(shard)
+            decode = 2 * n * cost.decode_time(shard) + cost.encode_time(shard)
+    offload = bool(getattr(strategy, "offload", False))
+    return GroupCost(
+        numel, ready, encode, first, decode + second, payload_bytes(strategy, numel), offload
+    )
+
+
+def schedule(profile: Profile, costs: Sequence[GroupCost]) -> Timeline:
+    """Run the timeline's recurrences over groups in launch order."""
+    delay = 0.0  # backward time added by encodes on the backward thread
+    launch = 0.0  # plan order: no group launches before the previous one
+    cpu_lane = 0.0
+    channel = 0.0
+    stages = []
+    for cost in costs:
+        ready = cost.ready + delay
+        start = max(ready, launch)
+        if cost.offload:
+            cpu_lane = max(cpu_lane, start) + cost.encode
+            encode_end = cpu_lane
+        else:
+            encode_end = start + cost.encode
+            delay += cost.encode
+        launch = start
+        comm_start = max(encode_end, channel)
+        channel = comm_start + cost.first
+        stages.append((ready, encode_end, comm_start, channel))
+    backward_end = profile.backward + delay
+    t = backward_end
+    groups = []
+    for i, (cost, (ready, encode_end, comm_start, comm_end)) in enumerate(
+        zip(costs, stages, strict=True)
+    ):
+        t = max(t, comm_end) + cost.post
+        groups.append(
+            GroupSchedule(
+                i, cost.numel, ready, encode_end, comm_start, comm_end, t, cost.payload_bytes
+            )
+        )
+    return Timeline(profile.forward + t + profile.step, backward_end, tuple(groups))
 
 
 def simulate(
@@ -126,35 +196,9 @@ def simulate(
     missing = [name for name in plan.names if name not in by_name]
     if missing:
         raise ValueError(f"plan names tensors the profile lacks: {missing[:5]}")
-    delay = 0.0  # backward time added by encodes on the backward thread
-    launch = 0.0  # plan order: no group launches before the previous one
-    cpu_lane = 0.0
-    channel = 0.0
-    schedule: list[tuple[Group, float, float, float, float, int, float]] = []
+    costs = []
     for group in plan.groups:
-        strategy = group.strategy
         numel = sum(by_name[name].numel for name in group.names)
-        ready = max((by_name[name].ready for name in group.names), default=0.0) + delay
-        start = max(ready, launch)
-        encode = _encode_time(profile, strategy, numel, n)
-        if getattr(strategy, "offload", False):
-            cpu_lane = max(cpu_lane, start) + encode
-            encode_end = cpu_lane
-        else:
-            encode_end = start + encode
-            delay += encode
-        launch = start
-        first, second = comm_time(strategy, numel, n, network)
-        comm_start = max(encode_end, channel)
-        channel = comm_start + first
-        schedule.append(
-            (group, ready, encode_end, comm_start, channel, _payload_bytes(strategy, numel), second)
-        )
-    backward_end = profile.backward + delay
-    t = backward_end
-    groups = []
-    for i, (group, ready, encode_end, comm_start, comm_end, nbytes, second) in enumerate(schedule):
-        numel = sum(by_name[name].numel for name in group.names)
-        t = max(t, comm_end) + _decode_time(profile, group.strategy, numel, n) + second
-        groups.append(GroupSchedule(i, numel, ready, encode_end, comm_start, comm_end, t, nbytes))
-    return Timeline(profile.forward + t + profile.step, backward_end, tuple(groups))
+        ready = max((by_name[name].ready for name in group.names), default=0.0)
+        costs.append(group_cost(profile, numel, ready, group.strategy, network, n))
+    return schedule(profile, costs)
