@@ -213,3 +213,45 @@ def test_every_compressor_runs_on_every_collective_it_allows() -> None:
         assert errors[exact] < 2e-3, (exact, errors[exact])
     assert errors["bf16/all_reduce"] < 2e-2
     assert len(errors) >= 2 * len(available_compressors())
+
+
+def _residual_by_param(sync: GradientSync) -> dict[str, torch.Tensor]:
+    out = {}
+    for state in sync._groups:
+        exported = state.memory.export_state(state.index)
+        offset = 0
+        for name, p in zip(state.group.names, state.params, strict=True):
+            out[name] = {k: v[offset : offset + p.numel()].clone() for k, v in exported.items()}
+            offset += p.numel()
+    return out
+
+
+def check_set_plan_carries_error_feedback() -> int:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = SmallNet()
+    sync = GradientSync(model, compressor="dgc", plan="whole", ratio=0.05)
+    calls = []
+    sync.iteration_callbacks.append(lambda s: calls.append(s.iterations))
+    for step in range(3):
+        x, y = _batch(step, rank)
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+    before = _residual_by_param(sync)
+    names = sync.plan.names
+    sync.set_plan(Plan.contiguous(names, [3, len(names) - 3], sync.strategy))
+    after = _residual_by_param(sync)
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].keys() == {"momentum", "velocity"}
+        for kind in before[name]:
+            assert torch.equal(before[name][kind], after[name][kind]), (name, kind)
+    x, y = _batch(9, rank)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # the new plan runs
+    assert len(sync.plan.groups) == 2 and calls == [1, 2, 3, 4]
+    return sync.iterations
+
+
+def test_set_plan_carries_error_feedback_to_the_new_groups() -> None:
+    assert run_ranks(check_set_plan_carries_error_feedback, 2) == [4, 4]

@@ -49,6 +49,17 @@ class Memory(ABC):
     def reset(self, key: Hashable = None) -> None:  # noqa: B027 - stateless default
         """Forget the state of ``key`` (of every key when ``None``)."""
 
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        """The flat per-element state kept for ``key`` (empty when none yet).
+
+        Used to carry error feedback across a change of plan: the engine slices
+        it per parameter and re-assembles it for the new groups.
+        """
+        return {}
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:  # noqa: B027
+        """Install state in the format :meth:`export_state` returns."""
+
     def __repr__(self) -> str:
         fields = ", ".join(
             f"{k}={v!r}" for k, v in sorted(vars(self).items()) if not k.startswith("_")
@@ -108,6 +119,14 @@ class ResidualMemory(Memory):
             self._residuals.clear()
         else:
             self._residuals.pop(key, None)
+
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        residual = self._residuals.get(key)
+        return {} if residual is None else {"residual": residual}
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
+        if "residual" in state:
+            self._residuals[key] = state["residual"].reshape(-1).to(torch.float32)
 
 
 class DGCMemory(Memory):
@@ -188,3 +207,13 @@ class DGCMemory(Memory):
                 store.clear()
             else:
                 store.pop(key, None)
+
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        if key not in self._momenta or key not in self._velocities:
+            return {}
+        return {"momentum": self._momenta[key], "velocity": self._velocities[key]}
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
+        if "momentum" in state and "velocity" in state:
+            self._momenta[key] = state["momentum"].reshape(-1).to(torch.float32)
+            self._velocities[key] = state["velocity"].reshape(-1).to(torch.float32)

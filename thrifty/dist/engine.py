@@ -123,6 +123,10 @@ class GradientSync:
         self.backward_order = [n for n, _ in reversed(named)]
         self._params = dict(named)
         self.strategy = Strategy.make(compressor, collective, memory, **compressor_options)
+        # Called with this engine after every synchronised backward (planners
+        # that tune online hook in here); ``iterations`` counts those backwards.
+        self.iteration_callbacks: list[Callable[[GradientSync], None]] = []
+        self.iterations = 0
         if broadcast_parameters:
             self._broadcast_state()
         self.plan = self._resolve_plan(plan)
@@ -130,10 +134,7 @@ class GradientSync:
         if check_plan:
             self._check_plan_agrees()
         self._groups = self._build_groups(self.plan)
-        self._group_of: dict[int, _GroupState] = {}
-        for state in self._groups:
-            for p in state.params:
-                self._group_of[id(p)] = state
+        self._group_of = self._index_groups(self._groups)
         self.ledger = C.CommLedger()
         self._enabled = True
         self._in_backward = False
@@ -211,6 +212,34 @@ class GradientSync:
         finally:
             self._enabled = previous
 
+    def set_plan(self, plan: Plan, check_plan: bool = True) -> None:
+        """Switch to another plan between iterations (all ranks at the same iteration).
+
+        Error feedback carries over: each parameter's residual (or DGC momentum
+        and velocity) moves to the group that holds it in the new plan, when
+        both use the same kind of memory; nothing already accumulated is lost.
+        """
+        if self._in_backward:
+            raise RuntimeError("set_plan must be called between iterations, not during backward")
+        plan.check_covers(self._params)
+        previous = self.plan
+        self.plan = plan
+        if check_plan:
+            try:
+                self._check_plan_agrees()
+            except RuntimeError:
+                self.plan = previous
+                raise
+        groups = self._build_groups(plan)
+        _carry_memory(self._groups, groups)
+        self._groups = groups
+        self._group_of = self._index_groups(groups)
+        log.info("GradientSync switched plan: %s", plan.describe())
+
+    @staticmethod
+    def _index_groups(groups: list[_GroupState]) -> dict[int, _GroupState]:
+        return {id(p): state for state in groups for p in state.params}
+
     def remove(self) -> None:
         """Detach the hooks; the model goes back to purely local gradients."""
         for h in self._hooks:
@@ -259,6 +288,9 @@ class GradientSync:
                 state.finish = None
             self._next_launch = 0
             self._in_backward = False
+        self.iterations += 1
+        for callback in list(self.iteration_callbacks):
+            callback(self)
 
     def _flatten(self, state: _GroupState) -> Tensor:
         parts = [
@@ -403,6 +435,38 @@ class GradientSync:
             return torch.cat(parts)[:numel] / self.world_size if parts else flat
 
         return finish
+
+
+def _carry_memory(old: list[_GroupState], new: list[_GroupState]) -> None:
+    """Move per-parameter error-feedback state from the old groups to the new ones."""
+    per_param: dict[str, tuple[type, dict[str, Tensor]]] = {}
+    for state in old:
+        if state.memory is None or state.group.strategy.collective == "all_to_all":
+            continue  # the divisible scheme's state is per shard, not per parameter
+        exported = state.memory.export_state(state.index)
+        offset = 0
+        for name, p in zip(state.group.names, state.params, strict=True):
+            n = p.numel()
+            per_param[name] = (
+                type(state.memory),
+                {k: v[offset : offset + n] for k, v in exported.items()},
+            )
+            offset += n
+    for state in new:
+        if state.memory is None or state.group.strategy.collective == "all_to_all":
+            continue
+        kinds = set().union(*(per_param.get(n, (None, {}))[1].keys() for n in state.group.names))
+        if not kinds:
+            continue
+        merged = {}
+        for kind in kinds:
+            parts = []
+            for name, p in zip(state.group.names, state.params, strict=True):
+                mtype, tensors = per_param.get(name, (None, {}))
+                same = mtype is type(state.memory) and kind in tensors
+                parts.append(tensors[kind] if same else torch.zeros(p.numel()))
+            merged[kind] = torch.cat(parts)
+        state.memory.import_state(state.index, merged)
 
 
 def _op(name: str) -> dist.ReduceOp.RedOpType:
