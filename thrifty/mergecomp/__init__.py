@@ -1,0 +1,18 @@
+"""MergeComp (Cupcake): compress merged groups of gradient tensors, partitioned for speed.
+
+* :func:`schedule` - offline: the timeline-optimal partition as a Plan.
+* ``GradientSync(model, compressor="dgc", plan="mergecomp")`` - online: the
+  hybrid search (model-based candidates, then a few measured iterations).
+"""
+
+from __future__ import annotations
+
+from thrifty.mergecomp.search import (
+    Partition,
+    candidate_partitions,
+    optimal_partition,
+    partition_time,
+)
+from thrifty.mergecomp.search import schedule_plan as schedule
+
+__all__ = ["Partition", "candidate_partitions", "optimal_partition", "partition_time", "schedule"]

@@ -1,0 +1,230 @@
+"""Model-based search: the best partition of backward-ordered tensors into contiguous groups.
+
+MergeComp compresses each group of consecutive gradient tensors once. Few large
+groups amortise the per-call cost (kernel launches, one collective each) but
+wait longer for their last gradient; many small groups overlap with backward
+but pay the fixed cost often. The timeline (:mod:`thrifty.dist.timeline`)
+prices any partition; this module finds the cheapest one.
+
+Dynamic programming over split points. After placing the groups that end at
+tensor ``j``, the timeline's future depends on the past only through four
+numbers: ``D`` (backward delay from encodes so far), ``S`` (decode work queued
+for the end of backward), ``C`` (when the channel frees) and ``P`` (the
+finishing time the groups so far impose). The final iteration time is
+``max(backward + D + S, P)``, nondecreasing in all four, and each group's
+update is nondecreasing in them too, so only Pareto-minimal states need
+keeping: with every such state kept the search is exact. For speed at most
+``frontier`` states are kept per split point (the ones with the lowest lower
+bound on the final time); the property test checks the result against brute
+force over all 2^(n-1) partitions.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from thrifty.dist.network import NetworkModel
+from thrifty.dist.plan import Plan, Strategy
+from thrifty.dist.profile import Profile
+from thrifty.dist.timeline import GroupCost, group_cost, schedule
+
+__all__ = [
+    "Partition",
+    "candidate_partitions",
+    "optimal_partition",
+    "partition_costs",
+    "partition_time",
+    "plan_for",
+    "schedule_plan",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Group lengths in backward order, and the timeline's predicted iteration time."""
+
+    lengths: tuple[int, ...]
+    predicted: float
+    search_seconds: float = 0.0
+
+
+class _Costs:
+    """Group costs of contiguous ranges, cached by size (ready comes from the last tensor)."""
+
+    def __init__(
+        self, profile: Profile, strategy: Strategy, network: NetworkModel, world_size: int
+    ) -> None:
+        self.profile, self.strategy, self.network, self.n = profile, strategy, network, world_size
+        self.ready = [t.ready for t in profile.tensors]
+        self.prefix = [0, *itertools.accumulate(t.numel for t in profile.tensors)]
+
+    @functools.cache  # noqa: B019 - one instance per search, freed with it
+    def _by_numel(self, numel: int) -> GroupCost:
+        return group_cost(self.profile, numel, 0.0, self.strategy, self.network, self.n)
+
+    def __call__(self, i: int, j: int) -> GroupCost:
+        """Cost of the group of tensors ``i .. j-1``."""
+        base = self._by_numel(self.prefix[j] - self.prefix[i])
+        return GroupCost(
+            base.numel, self.ready[j - 1], base.encode, base.first, base.post, base.payload_bytes
+        )
+
+
+def partition_costs(
+    profile: Profile,
+    strategy: Strategy,
+    network: NetworkModel,
+    lengths: Sequence[int],
+    world_size: int | None = None,
+) -> list[GroupCost]:
+    costs = _Costs(profile, strategy, network, world_size or profile.world_size)
+    bounds = [0, *itertools.accumulate(lengths)]
+    return [costs(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def partition_time(
+    profile: Profile,
+    strategy: Strategy,
+    network: NetworkModel,
+    lengths: Sequence[int],
+    world_size: int | None = None,
+) -> float:
+    """The timeline's iteration time for one partition."""
+    if sum(lengths) != len(profile.tensors):
+        raise ValueError(f"lengths {list(lengths)} do not cover {len(profile.tensors)} tensors")
+    return schedule(
+        profile, partition_costs(profile, strategy, network, lengths, world_size)
+    ).iteration
+
+
+def optimal_partition(
+    profile: Profile,
+    strategy: Strategy,
+    network: NetworkModel,
+    world_size: int | None = None,
+    frontier: int = 32,
+) -> Partition:
+    """The partition the timeline predicts fastest (exact when no frontier was truncated)."""
+    started = time.perf_counter()
+    n_tensors = len(profile.tensors)
+    if n_tensors == 0:
+        return Partition((), profile.forward + profile.backward + profile.step)
+    costs = _Costs(profile, strategy, network, world_size or profile.world_size)
+    backward = profile.backward
+    # frontiers[j]: arrays D, S, C, P and back-pointers (i, index in frontiers[i])
+    empty = np.zeros(1)
+    frontiers: list[tuple[np.ndarray, ...]] = [
+        (empty, empty, empty, empty, np.array([-1]), np.array([-1]))
+    ]
+    for j in range(1, n_tensors + 1):
+        parts = []
+        for i in range(j):
+            d, s, c, p, _, _ = frontiers[i]
+            g = costs(i, j)
+            channel = np.maximum(g.ready + d + g.encode, c) + g.first
+            parts.append(
+                (
+                    d + g.encode,
+                    s + g.post,
+                    channel,
+                    np.maximum(p, channel) + g.post,
+                    np.full(len(d), i),
+                    np.arange(len(d)),
+                )
+            )
+        d, s, c, p, back_i, back_k = (np.concatenate(x) for x in zip(*parts, strict=True))
+        bound = np.maximum(backward + d + s, p)  # the future only adds to both
+        keep = np.argsort(bound, kind="stable")[: max(frontier * 4, frontier)]
+        keep = _pareto(keep, d, s, c, p)[:frontier]
+        frontiers.append((d[keep], s[keep], c[keep], p[keep], back_i[keep], back_k[keep]))
+    d, s, c, p, back_i, back_k = frontiers[n_tensors]
+    final = np.maximum(backward + d + s, p)
+    best = int(np.argmin(final))
+    lengths = []
+    j, k = n_tensors, best
+    while j > 0:
+        i = int(frontiers[j][4][k])
+        k = int(frontiers[j][5][k])
+        lengths.append(j - i)
+        j = i
+    lengths.reverse()
+    predicted = profile.forward + float(final[best]) + profile.step
+    return Partition(tuple(lengths), predicted, time.perf_counter() - started)
+
+
+def _pareto(order: np.ndarray, *axes: np.ndarray) -> np.ndarray:
+    """Indices of ``order`` (kept in that order) not dominated by another index of ``order``."""
+    pts = np.stack([a[order] for a in axes], axis=1)
+    le = np.all(pts[:, None, :] <= pts[None, :, :], axis=2)  # le[a, b]: a <= b everywhere
+    lt = np.any(pts[:, None, :] < pts[None, :, :], axis=2)
+    dominated = np.any(le & lt, axis=0)
+    # Exact duplicates: keep the first.
+    same = np.all(pts[:, None, :] == pts[None, :, :], axis=2)
+    dup = np.triu(same, k=1).any(axis=0)
+    return order[~(dominated | dup)]
+
+
+def _even(n: int, groups: int) -> tuple[int, ...]:
+    groups = max(1, min(groups, n))
+    base, extra = divmod(n, groups)
+    return tuple(base + (1 if g < extra else 0) for g in range(groups))
+
+
+def candidate_partitions(
+    profile: Profile,
+    strategy: Strategy,
+    network: NetworkModel,
+    world_size: int | None = None,
+    limit: int = 4,
+) -> list[Partition]:
+    """The optimum and other plausible partitions, best predicted first, without duplicates.
+
+    Besides the optimum: layer-wise, whole-model, and equal-count splits into
+    2, 4 and 8 groups (Cupcake's baseline), so that online measurement can
+    correct a model that is wrong about this machine.
+    """
+    n = len(profile.tensors)
+    best = optimal_partition(profile, strategy, network, world_size)
+    others = [(1,) * n, (n,), _even(n, 2), _even(n, 4), _even(n, 8)]
+    found = {best.lengths: best}
+    for lengths in others:
+        if n and lengths not in found:
+            found[lengths] = Partition(
+                lengths, partition_time(profile, strategy, network, lengths, world_size)
+            )
+    return sorted(found.values(), key=lambda p: p.predicted)[:limit]
+
+
+def plan_for(names: Sequence[str], lengths: Sequence[int], strategy: Strategy) -> Plan:
+    return Plan.contiguous(list(names), list(lengths), strategy)
+
+
+def schedule_plan(
+    profile: Profile,
+    compressor: str | Strategy | None,
+    network: NetworkModel,
+    world_size: int | None = None,
+    **options: object,
+) -> Plan:
+    """``thrifty.mergecomp.schedule``: the model's best partition as a Plan, for offline use."""
+    strategy = (
+        compressor if isinstance(compressor, Strategy) else Strategy.make(compressor, **options)
+    )
+    best = optimal_partition(profile, strategy, network, world_size)
+    log.info(
+        "MergeComp: %d groups %s, predicted %.4fs (searched in %.3fs)",
+        len(best.lengths),
+        list(best.lengths),
+        best.predicted,
+        best.search_seconds,
+    )
+    return plan_for(profile.names, best.lengths, strategy)
