@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Measurements of the substrates (results/*.json + plots).")
 app.add_typer(bench_app, name="bench")
+compress_app = typer.Typer(help="Gradient compression: kernels and end-to-end training benchmarks.")
+app.add_typer(compress_app, name="compress")
 console = Console()
 
 
@@ -109,3 +111,74 @@ def bench_collectives(
     for rate, reason in payload["skipped_rates"].items():
         console.print(f"[yellow]skipped {rate}: {reason}[/yellow]")
     console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
+
+
+@compress_app.command("bench-kernels")
+def compress_bench_kernels(
+    sizes: Annotated[
+        str, typer.Option(help="Comma-separated float32 element counts, e.g. 4096,64K,16M.")
+    ] = "1M,16M,64M",
+    compressors: Annotated[
+        str, typer.Option(help="Comma-separated registry names; empty for all.")
+    ] = "",
+    reps: Annotated[int, typer.Option(help="Most timed repetitions per point.")] = 5,
+    min_reps: Annotated[int, typer.Option(help="Fewest timed repetitions per point.")] = 2,
+    budget: Annotated[
+        float, typer.Option(help="Seconds of repetitions after which a point stops at min-reps.")
+    ] = 1.0,
+    threads: Annotated[
+        int, typer.Option(help="torch intra-op threads (1 = one rank per core).")
+    ] = 1,
+    device: Annotated[str, typer.Option(help="cpu, or cuda when a GPU is available.")] = "cpu",
+    check_finite: Annotated[
+        bool, typer.Option(help="Include the compressors' NaN/Inf check (library default).")
+    ] = True,
+) -> None:
+    """Time every compressor's compress + decompress vs size, beside torch.clone (GB/s)."""
+    from thrifty.bench.kernels import parse_size, run_kernel_benchmark
+
+    try:
+        numels = [parse_size(s) for s in sizes.split(",") if s.strip()]
+        names = [c.strip() for c in compressors.split(",") if c.strip()] or None
+        payload = run_kernel_benchmark(
+            numels, names, reps, threads, device,
+            min_reps=min_reps, budget_s=budget, check_finite=check_finite,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    table = _kernels_table(payload)
+    console.print(table)
+    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
+
+
+def _kernels_table(payload: dict) -> Table:
+    """One row per (size, compressor), torch.clone first in each size's section."""
+    from rich import box
+
+    from thrifty.bench.kernels import format_size
+
+    table = Table(
+        title=f"compress + decompress, {payload['device']}, {payload['threads']} thread(s)",
+        caption="clone = torch.clone; GB/s = 4 numel / (comp. + decomp.); "
+        "ratio = 4 numel / wire bytes",
+        box=box.SIMPLE_HEAD,
+    )
+    columns = ("compressor", "size", "comp.\nms", "decomp.\nms", "GB/s", "x clone",
+               "wire\nbytes", "ratio")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="left" if column == "compressor" else "right")
+    for numel in payload["sizes"]:
+        clone = next(c for c in payload["clone"] if c["numel"] == numel)
+        table.add_row(
+            "[bold]clone[/bold]", format_size(numel), f"{clone['seconds'] * 1e3:.1f}", "",
+            f"[bold]{clone['GB_per_s']:.3f}[/bold]", "1", str(clone["input_bytes"]), "1",
+        )  # fmt: skip
+        for row in (r for r in payload["rows"] if r["numel"] == numel):
+            table.add_row(
+                row["compressor"], format_size(numel), f"{row['compress_s'] * 1e3:.1f}",
+                f"{row['decompress_s'] * 1e3:.1f}", f"{row['GB_per_s']:.3f}",
+                f"{row['vs_clone']:.3f}", str(row["payload_bytes"]),
+                f"{row['compression_ratio']:.4g}",
+            )  # fmt: skip
+        table.add_section()
+    return table

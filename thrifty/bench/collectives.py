@@ -55,13 +55,21 @@ def _run_once(primitive: str, buf: torch.Tensor, out: torch.Tensor, n: int) -> N
         raise ValueError(f"unknown primitive {primitive!r}")
 
 
-def _time_rank(
-    primitives: Sequence[str], sizes: Sequence[int], budget_s: float, label: str
+def time_collectives(
+    primitives: Sequence[str],
+    sizes: Sequence[int],
+    budget_s: float,
+    label: str,
+    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Runs on every rank; rank 0 returns the measurements (the slowest rank's time per rep)."""
+    """Time each primitive at each size in the current group (call on every rank).
+
+    Every rank gets the same rows: per size, the median over reps of the slowest
+    rank's time. Also used by planners to fit a network model in place.
+    """
     rank, n = dist.get_rank(), dist.get_world_size()
     items = [(p, s) for p in primitives for s in sizes]
-    bar = tqdm(items, desc=label, disable=rank != 0, leave=False, file=sys.stderr)
+    bar = tqdm(items, desc=label, disable=rank != 0 or not progress, leave=False, file=sys.stderr)
     out = []
     for primitive, nbytes in bar:
         buf = torch.ones(max(n, nbytes // 4), dtype=torch.float32)
@@ -94,8 +102,8 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Time each primitive at each size on ``world_size`` ranks in this network namespace."""
     label = label or f"n={world_size}"
-    timeout = 900.0
-    return run_ranks(_time_rank, world_size, primitives, sizes, budget_s, label, timeout=timeout)[0]
+    args = (primitives, sizes, budget_s, label)
+    return run_ranks(time_collectives, world_size, *args, timeout=900.0)[0]
 
 
 def _measure_in_namespace(
@@ -183,7 +191,7 @@ def run_from_env(sizes: Sequence[int] = DEFAULT_SIZES, budget_s: float = 0.5) ->
     if owns_group:
         dist.init_process_group("gloo")
     try:
-        rows = _time_rank(PRIMITIVES, sizes, budget_s, f"torchrun n={dist.get_world_size()}")
+        rows = time_collectives(PRIMITIVES, sizes, budget_s, f"torchrun n={dist.get_world_size()}")
         if dist.get_rank() != 0:
             return None
         name = f"torchrun-n{dist.get_world_size()}"

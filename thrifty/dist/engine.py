@@ -83,7 +83,8 @@ class GradientSync:
         compressor: registry name (see ``thrifty.compressors.available_compressors()``)
             or None for fp32. Ignored when ``plan`` is a :class:`Plan`.
         plan: ``"layerwise"`` (one group per tensor), ``"whole"`` (one group), a
-            registered planner name (``"mergecomp"``, ``"bytecomp"``), or a :class:`Plan`.
+            registered planner name (``"mergecomp"``, ``"bytecomp"``), a planner
+            object (``thrifty.mergecomp.MergeComp(...)``), or a :class:`Plan`.
         collective: for the default strategy; None picks all-reduce when the
             compressor allows it, else all-gather.
         memory: error feedback for the default strategy (``"default"``, ``"none"``,
@@ -100,7 +101,7 @@ class GradientSync:
         self,
         model: nn.Module,
         compressor: str | None = None,
-        plan: str | Plan = "layerwise",
+        plan: str | Plan | Planner = "layerwise",
         *,
         collective: str | None = None,
         memory: str = "default",
@@ -149,9 +150,11 @@ class GradientSync:
 
     # ------------------------------------------------------------------ set-up
 
-    def _resolve_plan(self, plan: str | Plan) -> Plan:
+    def _resolve_plan(self, plan: str | Plan | Planner) -> Plan:
         if isinstance(plan, Plan):
             return plan
+        if callable(plan):  # a planner object, e.g. thrifty.mergecomp.MergeComp(mode="online")
+            return plan(self, self.strategy)
         if plan in ("layerwise", "layer_wise"):
             return Plan.layer_wise(self.backward_order, self.strategy)
         if plan in ("whole", "whole_model"):

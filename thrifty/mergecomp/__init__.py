@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from thrifty.dist.engine import register_planner
+from thrifty.mergecomp.online import MergeComp, MergeCompTuner, Trial
 from thrifty.mergecomp.search import (
     Partition,
     candidate_partitions,
@@ -15,4 +17,16 @@ from thrifty.mergecomp.search import (
 )
 from thrifty.mergecomp.search import schedule_plan as schedule
 
-__all__ = ["Partition", "candidate_partitions", "optimal_partition", "partition_time", "schedule"]
+__all__ = [
+    "MergeComp",
+    "MergeCompTuner",
+    "Partition",
+    "Trial",
+    "candidate_partitions",
+    "optimal_partition",
+    "partition_time",
+    "schedule",
+]
+
+# GradientSync(model, compressor=..., plan="mergecomp"): the hybrid search, defaults.
+register_planner("mergecomp", lambda sync, strategy: MergeComp()(sync, strategy))
