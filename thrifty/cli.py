@@ -20,6 +20,8 @@ bench_app = typer.Typer(help="Measurements of the substrates (results/*.json + p
 app.add_typer(bench_app, name="bench")
 compress_app = typer.Typer(help="Gradient compression: kernels and end-to-end training benchmarks.")
 app.add_typer(compress_app, name="compress")
+mergecomp_app = typer.Typer(help="MergeComp: compression over merged tensor groups.")
+app.add_typer(mergecomp_app, name="mergecomp")
 console = Console()
 
 
@@ -96,17 +98,28 @@ def bench_collectives(
             budget,
         )
     table = Table(title="fit per primitive: time = max(floor, alpha + bytes on wire / bandwidth)")
-    columns = ("rate", "primitive", "ranks", "floor (us)", "alpha (us)", "GB/s per rank",
-               "max err >= 1MB")  # fmt: skip
+    columns = (
+        "rate",
+        "primitive",
+        "ranks",
+        "floor (us)",
+        "alpha (us)",
+        "GB/s per rank",
+        "max err >= 1MB",
+    )
     for column in columns:
         table.add_column(column, justify="right")
     for row in summary_rows(payload):
         err = row["max_err_ge_1MB"]
         table.add_row(
-            row["rate"], row["primitive"], str(row["world_size"]), f"{row['floor_us']:.0f}",
+            row["rate"],
+            row["primitive"],
+            str(row["world_size"]),
+            f"{row['floor_us']:.0f}",
             f"{row['alpha_us']:.0f}",
-            f"{row['GB_per_s']:.3f}", "-" if err is None else f"{err:.1%}",
-        )  # fmt: skip
+            f"{row['GB_per_s']:.3f}",
+            "-" if err is None else f"{err:.1%}",
+        )
     console.print(table)
     for rate, reason in payload["skipped_rates"].items():
         console.print(f"[yellow]skipped {rate}: {reason}[/yellow]")
@@ -141,9 +154,15 @@ def compress_bench_kernels(
         numels = [parse_size(s) for s in sizes.split(",") if s.strip()]
         names = [c.strip() for c in compressors.split(",") if c.strip()] or None
         payload = run_kernel_benchmark(
-            numels, names, reps, threads, device,
-            min_reps=min_reps, budget_s=budget, check_finite=check_finite,
-        )  # fmt: skip
+            numels,
+            names,
+            reps,
+            threads,
+            device,
+            min_reps=min_reps,
+            budget_s=budget,
+            check_finite=check_finite,
+        )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     table = _kernels_table(payload)
@@ -163,22 +182,114 @@ def _kernels_table(payload: dict) -> Table:
         "ratio = 4 numel / wire bytes",
         box=box.SIMPLE_HEAD,
     )
-    columns = ("compressor", "size", "comp.\nms", "decomp.\nms", "GB/s", "x clone",
-               "wire\nbytes", "ratio")  # fmt: skip
+    columns = (
+        "compressor",
+        "size",
+        "comp.\nms",
+        "decomp.\nms",
+        "GB/s",
+        "x clone",
+        "wire\nbytes",
+        "ratio",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "compressor" else "right")
     for numel in payload["sizes"]:
         clone = next(c for c in payload["clone"] if c["numel"] == numel)
         table.add_row(
-            "[bold]clone[/bold]", format_size(numel), f"{clone['seconds'] * 1e3:.1f}", "",
-            f"[bold]{clone['GB_per_s']:.3f}[/bold]", "1", str(clone["input_bytes"]), "1",
-        )  # fmt: skip
+            "[bold]clone[/bold]",
+            format_size(numel),
+            f"{clone['seconds'] * 1e3:.1f}",
+            "",
+            f"[bold]{clone['GB_per_s']:.3f}[/bold]",
+            "1",
+            str(clone["input_bytes"]),
+            "1",
+        )
         for row in (r for r in payload["rows"] if r["numel"] == numel):
             table.add_row(
-                row["compressor"], format_size(numel), f"{row['compress_s'] * 1e3:.1f}",
-                f"{row['decompress_s'] * 1e3:.1f}", f"{row['GB_per_s']:.3f}",
-                f"{row['vs_clone']:.3f}", str(row["payload_bytes"]),
+                row["compressor"],
+                format_size(numel),
+                f"{row['compress_s'] * 1e3:.1f}",
+                f"{row['decompress_s'] * 1e3:.1f}",
+                f"{row['GB_per_s']:.3f}",
+                f"{row['vs_clone']:.3f}",
+                str(row["payload_bytes"]),
                 f"{row['compression_ratio']:.4g}",
-            )  # fmt: skip
+            )
         table.add_section()
     return table
+
+
+def _training_table(payload: dict, title: str) -> Table:
+    table = Table(title=title)
+    for column in ("rate", "configuration", "s/iter", "vs DDP fp32", "MB sent/iter", "predicted"):
+        table.add_column(column, justify="right")
+    for rate, result in payload["rates"].items():
+        for row in result["rows"]:
+            sent = row.get("wire_bytes_per_iter")
+            pred = row.get("predicted_s")
+            table.add_row(
+                rate,
+                row["label"],
+                f"{row['iteration_s']:.3f}",
+                f"{row['speedup_vs_ddp']:.2f}x",
+                "-" if sent is None else f"{sent / 1e6:.2f}",
+                "-" if pred is None else f"{pred:.3f} ({row['prediction_error']:+.0%})",
+            )
+    return table
+
+
+def _run_training(
+    model: str,
+    workers: int,
+    rates: str,
+    compressors: str,
+    iters: int,
+    plans: tuple[str, ...],
+    name: str,
+) -> None:
+    from thrifty.bench.training import run_training_benchmark
+
+    chosen = [c.strip() for c in compressors.split(",") if c.strip()] or None
+    payload = run_training_benchmark(
+        model,
+        workers,
+        [r.strip() for r in rates.split(",")],
+        chosen,
+        iters=iters,
+        plans=plans,
+        name=name,
+    )
+    console.print(_training_table(payload, f"{model}, {workers} workers: iteration time"))
+    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
+
+
+@compress_app.command("bench")
+def compress_bench(
+    model: Annotated[str, typer.Option(help="cnn (ResNet-style, ~10M) or gpt (~19M).")] = "cnn",
+    workers: Annotated[int, typer.Option(help="Ranks (processes) on this machine.")] = 2,
+    rate: Annotated[
+        str, typer.Option(help="Comma-separated emulated rates, e.g. 1gbit,200mbit.")
+    ] = "1gbit",
+    compressors: Annotated[str, typer.Option(help="Comma-separated; empty for all.")] = "",
+    iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
+) -> None:
+    """DDP fp32, DDP + powerSGD_hook, thrifty layer-wise and whole-model per compressor."""
+    _run_training(model, workers, rate, compressors, iters, ("layerwise", "whole"), "compress")
+
+
+@mergecomp_app.command("bench")
+def mergecomp_bench(
+    model: Annotated[str, typer.Option(help="cnn or gpt.")] = "cnn",
+    workers: Annotated[int, typer.Option(help="Ranks (processes) on this machine.")] = 2,
+    rate: Annotated[str, typer.Option(help="Comma-separated emulated rates.")] = "1gbit,10gbit",
+    compressors: Annotated[
+        str, typer.Option(help="Comma-separated; empty for all.")
+    ] = "dgc,topk,efsignsgd",
+    iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
+) -> None:
+    """DDP fp32 vs layer-wise, whole-model and MergeComp, with MergeComp's search cost."""
+    _run_training(
+        model, workers, rate, compressors, iters, ("layerwise", "whole", "mergecomp"), "mergecomp"
+    )

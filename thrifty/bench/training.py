@@ -39,6 +39,7 @@ from thrifty.bench.models import build_model, count_parameters
 from thrifty.bench.results import results_dir, write_json
 from thrifty.compressors import available_compressors
 from thrifty.dist import GradientSync, Group, NetworkModel, Plan, Strategy
+from thrifty.dist.engine import get_planner
 from thrifty.dist.profile import profile_model
 from thrifty.dist.timeline import simulate
 
@@ -53,6 +54,11 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "dgc": {"ratio": 0.01},
     "powersgd": {"rank": 4},
 }
+# Planner settings for the benchmark: short trials keep MergeComp's search
+# phase to about a dozen iterations per configuration.
+PLANNER_OPTIONS: dict[str, dict[str, Any]] = {
+    "mergecomp": {"warmup": 2, "trial_iters": 2, "max_trials": 4},
+}
 BATCH: dict[str, dict[str, int]] = {
     "cnn": {"batch_size": 16},
     "gpt": {"batch_size": 4, "seq_len": 128},
@@ -60,14 +66,17 @@ BATCH: dict[str, dict[str, int]] = {
 }
 
 
-def configurations(compressors: Sequence[str]) -> list[dict[str, Any]]:
-    """DDP fp32, DDP + PowerSGD hook, then thrifty layer-wise and whole-model per compressor."""
-    configs: list[dict[str, Any]] = [
-        {"label": "DDP fp32", "kind": "ddp"},
-        {"label": "DDP powerSGD_hook r4", "kind": "ddp_powersgd"},
-    ]
+def configurations(
+    compressors: Sequence[str],
+    plans: Sequence[str] = ("layerwise", "whole"),
+    powersgd_hook: bool = True,
+) -> list[dict[str, Any]]:
+    """DDP fp32, DDP + PowerSGD hook, then thrifty with each plan per compressor."""
+    configs: list[dict[str, Any]] = [{"label": "DDP fp32", "kind": "ddp"}]
+    if powersgd_hook:
+        configs.append({"label": "DDP powerSGD_hook r4", "kind": "ddp_powersgd"})
     for name in compressors:
-        for plan in ("layerwise", "whole"):
+        for plan in plans:
             configs.append(
                 {
                     "label": f"{name} {plan}",
@@ -75,6 +84,7 @@ def configurations(compressors: Sequence[str]) -> list[dict[str, Any]]:
                     "compressor": name,
                     "plan": plan,
                     "options": DEFAULT_OPTIONS.get(name, {}),
+                    "planner_options": PLANNER_OPTIONS.get(plan, {}),
                 }
             )
     return configs
@@ -98,6 +108,12 @@ def _wrap(config: dict[str, Any], model: nn.Module) -> tuple[nn.Module, Gradient
         ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
         return ddp, None
     name = config["compressor"]
+    if config["plan"] not in ("layerwise", "whole"):
+        planner = get_planner(config["plan"], **config.get("planner_options", {}))
+        sync = GradientSync(
+            model, compressor=None if name == "none" else name, plan=planner, **config["options"]
+        )
+        return model, sync
     sync = GradientSync(
         model, compressor=None if name == "none" else name, plan=config["plan"], **config["options"]
     )
@@ -141,6 +157,13 @@ def _rank_benchmark(
         model = build_model(model_name)
         wrapped, sync = _wrap(config, model)
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        tuner = sync.iteration_callbacks[0] if sync and sync.iteration_callbacks else None
+        search_iters = 0
+        while tuner is not None and tuner.chosen is None and search_iters < 60:
+            opt.zero_grad(set_to_none=True)
+            _loss(model_name, wrapped, batch).backward()
+            opt.step()
+            search_iters += 1
         times = []
         for i in range(warmup + iters):
             start = time.perf_counter()
@@ -152,8 +175,13 @@ def _rank_benchmark(
         slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         row: dict[str, Any] = {**config, "iteration_s": slowest.item(), "times": times}
+        if tuner is not None and tuner.chosen is not None:
+            row["search_iterations"] = search_iters
+            row["search_seconds"] = tuner.search_seconds
+            row["trials"] = [(t.lengths, t.measured, t.predicted) for t in tuner.trials]
+            row["chosen_lengths"] = tuner.chosen.lengths
         if sync is not None:
-            row["wire_bytes_per_iter"] = sync.ledger.wire_bytes / (warmup + iters)
+            row["wire_bytes_per_iter"] = sync.ledger.wire_bytes / (search_iters + warmup + iters)
             row["plan"] = sync.plan.describe()[:200]
             row["groups"] = len(sync.plan.groups)
             if net is not None:
@@ -193,10 +221,12 @@ def run_training_benchmark(
     iters: int = 4,
     network_json: str | Path | None = None,
     plot: bool = True,
+    plans: Sequence[str] = ("layerwise", "whole"),
+    name: str = "compress",
 ) -> dict[str, Any]:
-    """Time every configuration at every rate; write results/compress_<model>.json (+ PNG)."""
+    """Time every configuration at every rate; write results/<name>_<model>.json (+ PNG)."""
     compressors = list(compressors or [c for c in available_compressors() if c != "none"])
-    configs = configurations(compressors)
+    configs = configurations(compressors, plans, powersgd_hook=name == "compress")
     network_json = Path(network_json or results_dir() / "collectives.json")
     out: dict[str, Any] = {"model": model, "workers": workers, "rates": {}, "batch": BATCH[model]}
     for rate in rates:
@@ -223,10 +253,10 @@ def run_training_benchmark(
                     "iteration_s"
                 ]
         out["rates"][rate] = result
-    path = write_json(f"compress_{model}", out)
+    path = write_json(f"{name}_{model}", out)
     out["json_path"] = str(path)
     if plot:
-        out["plot_path"] = str(plot_training(out, results_dir() / f"compress_{model}.png"))
+        out["plot_path"] = str(plot_training(out, results_dir() / f"{name}_{model}.png"))
     return out
 
 

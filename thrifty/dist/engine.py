@@ -45,19 +45,30 @@ from thrifty.compressors.memory import Memory
 from thrifty.dist import collectives as C
 from thrifty.dist.plan import Group, Plan, Strategy, has_feedback
 
-__all__ = ["GradientSync", "register_planner"]
+__all__ = ["GradientSync", "get_planner", "register_planner"]
 
 log = logging.getLogger(__name__)
 
 # Planners turn (sync engine, strategy) into a Plan; MergeComp and ByteComp
-# register themselves here so the engine never imports them.
+# register a factory of planners here so the engine never imports them.
 Planner = Callable[["GradientSync", Strategy], Plan]
-_PLANNERS: dict[str, Planner] = {}
+_PLANNERS: dict[str, Callable[..., Planner]] = {}
 
 
-def register_planner(name: str, planner: Planner) -> None:
-    """Make ``GradientSync(model, plan=name)`` call ``planner(sync, strategy)``."""
-    _PLANNERS[name] = planner
+def register_planner(name: str, factory: Callable[..., Planner]) -> None:
+    """Make ``GradientSync(model, plan=name)`` use ``factory()`` as its planner."""
+    _PLANNERS[name] = factory
+
+
+def get_planner(name: str, **options: Any) -> Planner:
+    """The planner registered as ``name`` (importing ``thrifty.<name>`` if needed)."""
+    if name not in _PLANNERS:
+        with contextlib.suppress(ImportError):
+            __import__(f"thrifty.{name}")  # a planner registers itself on import
+    if name not in _PLANNERS:
+        known = ["layerwise", "whole", *sorted(_PLANNERS)]
+        raise ValueError(f"unknown plan {name!r}; expected a Plan or one of {known}")
+    return _PLANNERS[name](**options)
 
 
 @dataclass
@@ -159,13 +170,7 @@ class GradientSync:
             return Plan.layer_wise(self.backward_order, self.strategy)
         if plan in ("whole", "whole_model"):
             return Plan.whole_model(self.backward_order, self.strategy)
-        if plan not in _PLANNERS:
-            with contextlib.suppress(ImportError):
-                __import__(f"thrifty.{plan}")  # a planner registers itself on import
-        if plan not in _PLANNERS:
-            known = ["layerwise", "whole", *sorted(_PLANNERS)]
-            raise ValueError(f"unknown plan {plan!r}; expected a Plan or one of {known}")
-        return _PLANNERS[plan](self, self.strategy)
+        return get_planner(plan)(self, self.strategy)
 
     def _broadcast_state(self) -> None:
         with torch.no_grad():

@@ -29,4 +29,4 @@ __all__ = [
 ]
 
 # GradientSync(model, compressor=..., plan="mergecomp"): the hybrid search, defaults.
-register_planner("mergecomp", lambda sync, strategy: MergeComp()(sync, strategy))
+register_planner("mergecomp", MergeComp)
