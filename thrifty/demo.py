@@ -106,4 +106,49 @@ def gradient_sync_stop() -> TourStop:
     )
 
 
-TOUR: list[Callable[[], TourStop]] = [collectives_stop, gradient_sync_stop]
+def mergecomp_stop() -> TourStop:
+    """Profile the ResNet-style CNN here and let MergeComp's model choose its groups."""
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    from thrifty.bench.models import ResNetCNN
+    from thrifty.dist import NetworkModel, Strategy
+    from thrifty.dist.profile import profile_model
+    from thrifty.mergecomp import optimal_partition, partition_time
+
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    model = ResNetCNN()
+    x, y = model.example_batch(8)
+    strategy = Strategy.make("dgc", ratio=0.01)
+    profile = profile_model(
+        model,
+        lambda: F.cross_entropy(model(x), y),
+        iters=2,
+        warmup=1,
+        compressors=[strategy],
+        world_size=2,
+    )
+    fitted = Path("results/collectives.json")
+    try:
+        network = NetworkModel.load(fitted, "1gbit")
+        source = "fitted 1 Gbit/s model"
+    except (OSError, KeyError):
+        network = NetworkModel.analytic("1gbit", 1e9, latency=5e-4)
+        source = "ideal 1 Gbit/s link (run `thrifty bench collectives` to fit one)"
+    best = optimal_partition(profile, strategy, network)
+    n = len(profile.tensors)
+    layer = partition_time(profile, strategy, network, (1,) * n)
+    whole = partition_time(profile, strategy, network, (n,))
+    return TourStop(
+        "MergeComp",
+        f"ResNet CNN ({n} tensors) profiled here, DGC 1%, 2 workers, {source}",
+        f"{len(best.lengths)} groups of {list(best.lengths)} tensors: predicted "
+        f"{best.predicted:.2f} s/iter vs layer-wise {layer:.2f}, whole-model "
+        f"{whole:.2f} (searched in {best.search_seconds * 1e3:.0f} ms)",
+        time.perf_counter() - start,
+    )
+
+
+TOUR: list[Callable[[], TourStop]] = [collectives_stop, gradient_sync_stop, mergecomp_stop]

@@ -298,7 +298,7 @@ def plot_kernels(payload: Mapping[str, Any], path: Path) -> Path:
     ax.set_ylabel("GB/s of input (compress + decompress)")
     ax.set_title(f"compressor kernels, {payload['device']}, {payload['threads']} thread(s)")
     ax.grid(True, axis="y", which="both", alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
