@@ -113,6 +113,8 @@ class NetworkModel:
         by_n = self.fits.get(primitive)
         if not by_n:
             raise KeyError(f"network model {self.name!r} has no fit for {primitive!r}")
+        if world_size in by_n:
+            return by_n[world_size]
         # An unmeasured world size borrows the nearest measured one; the wire
         # volume already scales with n.
         nearest = min(by_n, key=lambda n: (abs(math.log(n / world_size)), n))

@@ -22,6 +22,7 @@ order, so it can be saved, compared across ranks and read by a person.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -110,10 +111,8 @@ class Strategy:
         return get_memory(self.memory)
 
     def label(self) -> str:
-        if self.compressor is None:
-            return "fp32/all_reduce"
-        opts = ",".join(f"{k}={v}" for k, v in self.options)
-        return f"{self.compressor}{'(' + opts + ')' if opts else ''}/{self.collective}"
+        """Short readable name, e.g. ``topk(ratio=0.01)/all_gather``; profiles key costs by it."""
+        return _label(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -131,6 +130,14 @@ class Strategy:
             data["collective"],
             data.get("memory", "default"),
         )
+
+
+@functools.lru_cache(maxsize=1024)
+def _label(strategy: Strategy) -> str:
+    if strategy.compressor is None:
+        return "fp32/all_reduce"
+    opts = ",".join(f"{k}={v}" for k, v in strategy.options)
+    return f"{strategy.compressor}{'(' + opts + ')' if opts else ''}/{strategy.collective}"
 
 
 def has_feedback(memory: Memory | None) -> bool:

@@ -83,6 +83,7 @@ def _compressor(strategy: Strategy) -> Compressor | None:
     return strategy.build_compressor()
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def payload_bytes(strategy: Strategy, numel: int) -> int:
     """Bytes one rank contributes for a group of ``numel`` elements."""
     compressor = _compressor(strategy)
@@ -103,9 +104,9 @@ def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> 
         times = [network.time("all_reduce", b, n) for b in rounds]
         return times[0], sum(times[1:])
     if strategy.collective == "all_gather":
-        return network.time("all_gather", compressor.payload_nbytes(numel) * n, n), 0.0
+        return network.time("all_gather", payload_bytes(strategy, numel) * n, n), 0.0
     shard = -(-numel // n)
-    per_shard = compressor.payload_nbytes(shard)
+    per_shard = payload_bytes(strategy, shard)
     return (
         network.time("all_to_all", per_shard * n, n),
         network.time("all_gather", per_shard * n, n),

@@ -71,6 +71,17 @@ class _Costs:
     def _by_numel(self, numel: int) -> GroupCost:
         return group_cost(self.profile, numel, 0.0, self.strategy, self.network, self.n)
 
+    def matrices(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """encode, first and post of every group ``i .. j-1`` as ``[i, j]`` matrices."""
+        n = len(self.ready)
+        encode, first, post = (np.zeros((n + 1, n + 1)) for _ in range(3))
+        prefix = np.array(self.prefix)
+        for j in range(1, n + 1):
+            for i, numel in enumerate((prefix[j] - prefix[:j]).tolist()):
+                g = self._by_numel(numel)
+                encode[i, j], first[i, j], post[i, j] = g.encode, g.first, g.post
+        return encode, first, post
+
     def __call__(self, i: int, j: int) -> GroupCost:
         """Cost of the group of tensors ``i .. j-1``."""
         base = self._by_numel(self.prefix[j] - self.prefix[i])
@@ -120,42 +131,40 @@ def optimal_partition(
         return Partition((), profile.forward + profile.backward + profile.step)
     costs = _Costs(profile, strategy, network, world_size or profile.world_size)
     backward = profile.backward
-    # frontiers[j]: arrays D, S, C, P and back-pointers (i, index in frontiers[i])
-    empty = np.zeros(1)
-    frontiers: list[tuple[np.ndarray, ...]] = [
-        (empty, empty, empty, empty, np.array([-1]), np.array([-1]))
-    ]
+    # Every Pareto state kept so far, flat: D, S, C, P, the split point it ends
+    # at (``owner``) and a back-pointer to the state it extends.
+    d_all, s_all, c_all, p_all = [np.zeros(1)], [np.zeros(1)], [np.zeros(1)], [np.zeros(1)]
+    owner_all, back_all = [np.zeros(1, dtype=np.int64)], [np.full(1, -1, dtype=np.int64)]
+    encode_m, first_m, post_m = costs.matrices()  # [i, j]: tensors i .. j-1 as one group
     for j in range(1, n_tensors + 1):
-        parts = []
-        for i in range(j):
-            d, s, c, p, _, _ = frontiers[i]
-            g = costs(i, j)
-            channel = np.maximum(g.ready + d + g.encode, c) + g.first
-            parts.append(
-                (
-                    d + g.encode,
-                    s + g.post,
-                    channel,
-                    np.maximum(p, channel) + g.post,
-                    np.full(len(d), i),
-                    np.arange(len(d)),
-                )
-            )
-        d, s, c, p, back_i, back_k = (np.concatenate(x) for x in zip(*parts, strict=True))
+        d, s, c, p = (np.concatenate(x) for x in (d_all, s_all, c_all, p_all))
+        owner = np.concatenate(owner_all)
+        encode, first, post = encode_m[owner, j], first_m[owner, j], post_m[owner, j]
+        d, s = d + encode, s + post
+        c = np.maximum(profile.tensors[j - 1].ready + d, c) + first
+        p = np.maximum(p, c) + post
         bound = np.maximum(backward + d + s, p)  # the future only adds to both
-        keep = np.argsort(bound, kind="stable")[: max(frontier * 4, frontier)]
+        keep = np.argsort(bound, kind="stable")[: frontier * 2]
         keep = _pareto(keep, d, s, c, p)[:frontier]
-        frontiers.append((d[keep], s[keep], c[keep], p[keep], back_i[keep], back_k[keep]))
-    d, s, c, p, back_i, back_k = frontiers[n_tensors]
-    final = np.maximum(backward + d + s, p)
+        d_all.append(d[keep])
+        s_all.append(s[keep])
+        c_all.append(c[keep])
+        p_all.append(p[keep])
+        owner_all.append(np.full(len(keep), j, dtype=np.int64))
+        back_all.append(keep)  # indices into the concatenation as it was at step j
+    # Walk back: state k of step j extends state back[k] of the flat list at step j.
+    sizes = [len(x) for x in d_all]
+    starts = np.cumsum([0, *sizes])
+    final = np.maximum(backward + d_all[n_tensors] + s_all[n_tensors], p_all[n_tensors])
     best = int(np.argmin(final))
+    owners = np.concatenate(owner_all)
     lengths = []
-    j, k = n_tensors, best
+    j, flat_index = n_tensors, int(starts[n_tensors]) + best
     while j > 0:
-        i = int(frontiers[j][4][k])
-        k = int(frontiers[j][5][k])
+        prev = int(back_all[j][flat_index - starts[j]])  # index into states of steps < j
+        i = int(owners[prev])
         lengths.append(j - i)
-        j = i
+        j, flat_index = i, prev
     lengths.reverse()
     predicted = profile.forward + float(final[best]) + profile.step
     return Partition(tuple(lengths), predicted, time.perf_counter() - started)
