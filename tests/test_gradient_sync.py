@@ -255,3 +255,21 @@ def check_set_plan_carries_error_feedback() -> int:
 
 def test_set_plan_carries_error_feedback_to_the_new_groups() -> None:
     assert run_ranks(check_set_plan_carries_error_feedback, 2) == [4, 4]
+
+
+def check_powersgd_sees_layer_matrices() -> list:
+    model = SmallNet()
+    sync = GradientSync(model, compressor="powersgd", plan="layerwise", rank=2)
+    shapes = {s.group.names[0]: s.compressor.shape for s in sync._groups}
+    assert shapes["fc1.weight"] == (32, 256)
+    assert shapes["conv.weight"] == (4, 9)
+    assert shapes["fc1.bias"] is None  # 1-D: too small to gain, sent raw
+    whole = GradientSync(SmallNet(), compressor="powersgd", plan="whole", rank=2)
+    assert whole._groups[0].compressor.shape is None  # a fused group has no layer shape
+    x, y = _batch(0, dist.get_rank())
+    F.cross_entropy(model(x), y).backward()
+    return [tuple(p.grad.shape) for p in model.parameters()]
+
+
+def test_layer_wise_powersgd_uses_each_weight_as_its_matrix() -> None:
+    run_ranks(check_powersgd_sees_layer_matrices, 2)

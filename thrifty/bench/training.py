@@ -101,7 +101,10 @@ def _wrap(config: dict[str, Any], model: nn.Module) -> tuple[nn.Module, Gradient
     if config["kind"] == "ddp":
         return DDP(model), None
     if config["kind"] == "ddp_powersgd":
-        ddp = DDP(model)
+        # One bucket: powerSGD_hook launches its second all-reduce from a future
+        # callback, and with several buckets on gloo the ranks then interleave
+        # collectives in different orders (seen here as a size-mismatch abort).
+        ddp = DDP(model, bucket_cap_mb=1024)
         # PyTorch requires start_powerSGD_iter > 1; the warm-up covers the
         # plain all-reduce iterations before it.
         state = powerSGD.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2)

