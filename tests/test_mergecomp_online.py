@@ -70,7 +70,7 @@ def test_hybrid_mergecomp_with_dgc_converges_and_agrees_across_ranks() -> None:
     results = run_ranks(_train, 2, "hybrid", 400, timeout=300)
     first = results[0]
     assert first["chosen"] is not None and not first["attached"]
-    assert 1 <= len(first["trials"]) <= 4
+    assert 1 <= len(first["trials"]) <= 4 + 2  # max_trials, then the best two again
     assert all(r["fingerprint"] == first["fingerprint"] for r in results)
     assert all(r["chosen"] == first["chosen"] and r["trials"] == first["trials"] for r in results)
     assert all(r["replicas_equal"] for r in results)
@@ -81,6 +81,10 @@ def test_online_mergecomp_measures_a_bounded_number_of_plans() -> None:
     results = run_ranks(_train, 2, "online", 40, timeout=300)
     first = results[0]
     assert first["chosen"] is not None
-    assert 2 <= len(first["trials"]) <= 4
-    assert first["chosen"] == min(first["trials"], key=lambda t: t[1])[0]
+    assert 2 <= len(first["trials"]) <= 4 + 2
+    runs: dict = {}
+    for lengths, measured in first["trials"]:
+        runs.setdefault(lengths, []).append(measured)
+    assert max(len(v) for v in runs.values()) == 2  # the best two were measured again
+    assert first["chosen"] == min(runs, key=lambda k: sum(runs[k]) / len(runs[k]))
     assert all(r["chosen"] == first["chosen"] for r in results)

@@ -54,10 +54,10 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "dgc": {"ratio": 0.01},
     "powersgd": {"rank": 4},
 }
-# Planner settings for the benchmark: short trials keep MergeComp's search
-# phase to about a dozen iterations per configuration.
+# Planner settings for the benchmark: 4 candidates, then the best two again,
+# 3 timed iterations each (plus one to settle): about 26 iterations of search.
 PLANNER_OPTIONS: dict[str, dict[str, Any]] = {
-    "mergecomp": {"warmup": 2, "trial_iters": 2, "max_trials": 4},
+    "mergecomp": {"warmup": 2, "trial_iters": 3, "max_trials": 4, "confirm": 2},
 }
 BATCH: dict[str, dict[str, int]] = {
     "cnn": {"batch_size": 16},
@@ -162,7 +162,7 @@ def _rank_benchmark(
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         tuner = sync.iteration_callbacks[0] if sync and sync.iteration_callbacks else None
         search_iters = 0
-        while tuner is not None and tuner.chosen is None and search_iters < 60:
+        while tuner is not None and tuner.chosen is None and search_iters < 100:
             opt.zero_grad(set_to_none=True)
             _loss(model_name, wrapped, batch).backward()
             opt.step()

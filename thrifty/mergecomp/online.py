@@ -64,6 +64,9 @@ class MergeComp:
         warmup: iterations before searching (the first ones are slow anyway).
         trial_iters: timed iterations per candidate (one more runs first to settle).
         max_trials: bound on candidates measured.
+        confirm: re-measure this many of the best candidates once more and decide
+            on the mean of both runs (one noisy trial on a shared machine can
+            otherwise pick a plan that is slower than the runner-up); 1 disables.
     """
 
     mode: str = "hybrid"
@@ -71,6 +74,7 @@ class MergeComp:
     warmup: int = 3
     trial_iters: int = 3
     max_trials: int = 8
+    confirm: int = 2
     tuners: list[MergeCompTuner] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -102,6 +106,7 @@ class MergeCompTuner:
         self._queue: list[Trial] = []
         self._online: Generator[tuple[int, ...], float, None] | None = None
         self._names: list[str] = []
+        self._confirming = False
 
     # ------------------------------------------------------------------ callback
 
@@ -127,7 +132,7 @@ class MergeCompTuner:
             return
         self._current.measured = self._agreed(statistics.median(self._times[1:]))
         self.trials.append(self._current)
-        if self._online is not None:
+        if self._online is not None and not self._confirming:
             with contextlib.suppress(StopIteration):
                 self._queue.append(Trial(self._online.send(self._current.measured), None))
         self._next_trial()
@@ -195,24 +200,41 @@ class MergeCompTuner:
         measurements = [Measurement(primitive, n, r["nbytes"], r["seconds"]) for r in rows]
         return NetworkModel.fit("in-place", measurements)
 
+    def _ranked(self) -> list[tuple[tuple[int, ...], float]]:
+        """Partitions by mean measured time over all their trials, fastest first."""
+        runs: dict[tuple[int, ...], list[float]] = {}
+        for t in self.trials:
+            if t.measured is not None:
+                runs.setdefault(t.lengths, []).append(t.measured)
+        return sorted(((k, statistics.fmean(v)) for k, v in runs.items()), key=lambda kv: kv[1])
+
     def _next_trial(self) -> None:
         self._times = []
-        if self._queue and len(self.trials) < self.config.max_trials:
+        budget = self.config.max_trials + (self.config.confirm if self._confirming else 0)
+        if self._queue and len(self.trials) < budget:
             self._current = self._queue.pop(0)
             self.sync.set_plan(plan_for(self._names, self._current.lengths, self.strategy))
             return
-        measured = [t for t in self.trials if t.measured is not None]
-        self.chosen = min(measured, key=lambda t: t.measured)  # type: ignore[arg-type, return-value]
-        self.sync.set_plan(plan_for(self._names, self.chosen.lengths, self.strategy))
+        if not self._confirming and self.config.confirm > 1:
+            self._confirming = True
+            best = [lengths for lengths, _ in self._ranked()[: self.config.confirm]]
+            if len(best) > 1:
+                predicted = {t.lengths: t.predicted for t in self.trials}
+                self._queue = [Trial(lengths, predicted[lengths]) for lengths in reversed(best)]
+                self._next_trial()
+                return
+        lengths, mean = self._ranked()[0]
+        predicted = next(t.predicted for t in self.trials if t.lengths == lengths)
+        self.chosen = Trial(lengths, predicted, mean)
+        self.sync.set_plan(plan_for(self._names, lengths, self.strategy))
         self.sync.iteration_callbacks.remove(self)
-        predicted = "n/a" if self.chosen.predicted is None else f"{self.chosen.predicted:.4f}s"
         log.info(
             "MergeComp chose %d groups %s after %d trials: measured %.4fs/iter, predicted %s",
-            len(self.chosen.lengths),
-            list(self.chosen.lengths),
+            len(lengths),
+            list(lengths),
             len(self.trials),
-            self.chosen.measured,
-            predicted,
+            mean,
+            "n/a" if predicted is None else f"{predicted:.4f}s",
         )
 
 
