@@ -105,6 +105,33 @@ def _top_indices(values: Tensor, k: int) -> Tensor:
     return indices.sort().values
 
 
+def sample_indices(
+    numel: int, k: int, generator: torch.Generator | None, device: torch.device | str
+) -> Tensor:
+    """``k`` distinct indices of ``range(numel)``, uniformly at random, sorted.
+
+    A full ``randperm`` costs O(numel) (6.7 s for 64M elements on one core here).
+    For sparse ``k`` draw with replacement and deduplicate until ``k`` distinct
+    remain, then keep a random ``k`` of them: O(k log k). Conditioned on its size
+    the set of distinct draws is a uniform subset, and a uniform subset of it is
+    uniform too, so the result is an unbiased k-subset. Deterministic for a
+    seeded ``generator`` (shared-seed Random-k relies on that).
+    """
+    if k <= 0:
+        return torch.empty(0, dtype=torch.int64, device=device)
+    if 4 * k > numel:  # dense: the permutation is cheaper than rejection
+        return torch.randperm(numel, generator=generator, device=device)[:k].sort().values
+    got = torch.empty(0, dtype=torch.int64, device=device)
+    while got.numel() < k:
+        extra = int((k - got.numel()) * 1.1) + 16
+        draw = torch.randint(numel, (extra,), generator=generator, device=device)
+        got = torch.unique(torch.cat([got, draw]))
+    if got.numel() > k:
+        keep = torch.randperm(got.numel(), generator=generator, device=device)[:k]
+        got = got[keep].sort().values
+    return got
+
+
 class RandomK(_IndexedSparsifier):
     """Random-k sparsification (Stich et al., NeurIPS 2018; Wangni et al., NeurIPS 2018).
 
@@ -174,7 +201,7 @@ class RandomK(_IndexedSparsifier):
         values = as_float32(flat)
         k = self.k_for(numel)
         if self.shared_seed is None:
-            indices = torch.randperm(numel, device=flat.device)[:k].sort().values
+            indices = sample_indices(numel, k, None, flat.device)
         else:
             indices = self._draw_shared(key, numel, flat.device)
         sent = values[indices]
@@ -191,8 +218,7 @@ class RandomK(_IndexedSparsifier):
         generator = seeded_generator(
             derive_seed(self.shared_seed, stable_key_hash(key), step), device
         )
-        perm = torch.randperm(numel, generator=generator, device=device)
-        indices = perm[: self.k_for(numel)].sort().values
+        indices = sample_indices(numel, self.k_for(numel), generator, device)
         self._shared_indices[key] = indices
         self._latest_key = key
         return indices
