@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from thrifty.bench import run_ranks
-from thrifty.bench.models import DigitsCNN, load_digits_split
+from thrifty.bench.models import DigitsCNN, train_digits_shard
 from thrifty.dist import GradientSync
 from thrifty.mergecomp import MergeComp
 from thrifty.mergecomp.online import _binary_search
@@ -35,23 +34,13 @@ def test_binary_search_finds_the_best_split_within_its_budget() -> None:
 
 
 def _train(mode: str, steps: int) -> dict:
-    rank, n = dist.get_rank(), dist.get_world_size()
-    x_train, y_train, x_test, y_test = load_digits_split()
-    x_train, y_train = x_train[rank::n], y_train[rank::n]
+    n = dist.get_world_size()
     torch.manual_seed(0)
     model = DigitsCNN()
     planner = MergeComp(mode=mode, warmup=2, trial_iters=2, max_trials=4)
     sync = GradientSync(model, compressor="dgc", plan=planner, ratio=0.05)
     # DGC's memory carries the momentum (momentum correction): plain SGD on top.
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x_train), (64,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    accuracy = train_digits_shard(model, torch.optim.SGD(model.parameters(), lr=0.1), steps)
     tuner = planner.tuners[0]
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     everyone = [torch.empty_like(flat) for _ in range(n)]

@@ -68,26 +68,14 @@ def collectives_stop() -> TourStop:
 
 def _compressed_training_rank(compressor: str, steps: int) -> dict[str, float]:
     """Train the digits CNN on this rank's shard with compressed gradient sync."""
-    import torch.nn.functional as F
-
-    from thrifty.bench.models import DigitsCNN, load_digits_split
+    from thrifty.bench.models import DigitsCNN, train_digits_shard
     from thrifty.dist import GradientSync
 
-    rank, n = dist.get_rank(), dist.get_world_size()
-    x_train, y_train, x_test, y_test = load_digits_split()
-    x_train, y_train = x_train[rank::n], y_train[rank::n]
+    n = dist.get_world_size()
     torch.manual_seed(0)
     model = DigitsCNN()
     sync = GradientSync(model, compressor=compressor, plan="whole", ratio=0.05)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(rank)
-    for _ in range(steps):
-        idx = torch.randint(0, len(x_train), (64,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
-        opt.step()
-    with torch.no_grad():
-        accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
+    accuracy = train_digits_shard(model, torch.optim.Adam(model.parameters(), lr=3e-3), steps)
     dense = sum(p.numel() for p in model.parameters()) * 4 * 2 * (n - 1) / n * steps
     return {"accuracy": accuracy, "sent": sync.ledger.wire_bytes, "dense": dense}
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -32,6 +33,7 @@ __all__ = [
     "build_model",
     "count_parameters",
     "load_digits_split",
+    "train_digits_shard",
 ]
 
 
@@ -346,6 +348,27 @@ def load_digits_split(
 
 _MODELS: dict[str, type[nn.Module]] = {"cnn": ResNetCNN, "gpt": GPT, "digits": DigitsCNN}
 MODEL_NAMES: tuple[str, ...] = tuple(_MODELS)
+
+
+def train_digits_shard(
+    model: nn.Module, optimizer: torch.optim.Optimizer, steps: int, batch_size: int = 64
+) -> float:
+    """Train on this rank's shard of the digits (rank::world) and return test accuracy.
+
+    Batches are drawn with a per-rank generator, as each rank of a
+    data-parallel job sees different data; works single-process too.
+    """
+    rank, n = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    x_train, y_train, x_test, y_test = load_digits_split()
+    x_train, y_train = x_train[rank::n], y_train[rank::n]
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(steps):
+        idx = torch.randint(0, len(x_train), (batch_size,), generator=gen)
+        optimizer.zero_grad()
+        F.cross_entropy(model(x_train[idx]), y_train[idx]).backward()
+        optimizer.step()
+    with torch.no_grad():
+        return (model(x_test).argmax(1) == y_test).float().mean().item()
 
 
 def build_model(name: str, **kwargs: object) -> nn.Module:
