@@ -6,6 +6,7 @@ from thrifty.dist.collectives import CommLedger, count_bytes
 from thrifty.dist.engine import GradientSync, register_planner
 from thrifty.dist.network import AlphaBeta, Measurement, NetworkModel
 from thrifty.dist.plan import Group, Plan, Strategy
+from thrifty.dist.topology import Topology
 
 __all__ = [
     "AlphaBeta",
@@ -16,6 +17,7 @@ __all__ = [
     "NetworkModel",
     "Plan",
     "Strategy",
+    "Topology",
     "count_bytes",
     "register_planner",
 ]

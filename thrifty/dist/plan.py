@@ -14,7 +14,17 @@ order, so it can be saved, compared across ranks and read by a person.
   - ``all_to_all``: the "divisible" scheme: the tensor is cut into one shard
     per rank, rank j receives every rank's compressed shard j, aggregates it,
     re-compresses the sum and all-gathers it. Less traffic than all-gather,
-    two rounds of compression.
+    two rounds of compression. Uncompressed, it is reduce-scatter + all-gather.
+
+  Two switches change where the work happens (Espresso's dimensions 2 and 3):
+
+  - ``offload``: (de)compression runs on a CPU worker thread instead of the
+    thread that runs backward, so it does not delay backward (it still takes
+    CPU time; on a GPU machine it frees the GPU);
+  - ``hierarchical``: with several ranks per node, an uncompressed
+    reduce-scatter inside each node first, then the collective above across
+    nodes on each rank's shard (ranks with the same local index, all at once),
+    then an all-gather inside the node. Only the inter-node step is compressed.
 
 * :class:`Plan`: the groups. ``Plan.layer_wise`` (one group per tensor),
   ``Plan.whole_model`` (one group), ``Plan.contiguous`` (given group lengths).
@@ -56,6 +66,8 @@ class Strategy:
     options: tuple[tuple[str, Any], ...] = ()
     collective: Collective = "all_reduce"
     memory: str = "default"
+    offload: bool = False
+    hierarchical: bool = False
 
     @classmethod
     def make(
@@ -63,6 +75,9 @@ class Strategy:
         compressor: str | None = None,
         collective: Collective | None = None,
         memory: str = "default",
+        *,
+        offload: bool = False,
+        hierarchical: bool = False,
         **options: Any,
     ) -> Strategy:
         """Build and validate a strategy; ``collective=None`` chooses the natural one."""
@@ -74,7 +89,9 @@ class Strategy:
             else:
                 probe = get_compressor(compressor, **options)
                 collective = "all_reduce" if probe.supports_allreduce_rounds else "all_gather"
-        strategy = cls(compressor, tuple(sorted(options.items())), collective, memory)
+        strategy = cls(
+            compressor, tuple(sorted(options.items())), collective, memory, offload, hierarchical
+        )
         strategy.validate()
         return strategy
 
@@ -84,11 +101,13 @@ class Strategy:
                 f"unknown collective {self.collective!r}; expected one of {COLLECTIVES}"
             )
         if self.compressor is None:
-            if self.collective != "all_reduce":
+            if self.collective == "all_gather":
                 raise ValueError(
-                    f"uncompressed groups use all_reduce, got {self.collective!r} (the divisible "
-                    "reduce-scatter + all-gather equivalent is what all_reduce does)"
+                    "uncompressed groups use all_reduce or all_to_all (reduce-scatter + "
+                    "all-gather); all_gather would send every rank's full gradient"
                 )
+            if self.offload:
+                raise ValueError("offload moves (de)compression; an uncompressed group has none")
             return
         compressor = self.build_compressor()
         if self.collective == "all_reduce" and not compressor.supports_allreduce_rounds:
@@ -114,12 +133,25 @@ class Strategy:
         """Short readable name, e.g. ``topk(ratio=0.01)/all_gather``; profiles key costs by it."""
         return _label(self)
 
+    def cost_key(self) -> str:
+        """What the (de)compression cost depends on: compressor, options, memory.
+
+        Not the collective, nor where it runs: profiles key measured costs by this.
+        """
+        if self.compressor is None:
+            return "fp32"
+        opts = ",".join(f"{k}={v}" for k, v in self.options)
+        memory = "" if self.memory == "default" else f"[memory={self.memory}]"
+        return f"{self.compressor}{'(' + opts + ')' if opts else ''}{memory}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "compressor": self.compressor,
             "options": dict(self.options),
             "collective": self.collective,
             "memory": self.memory,
+            "offload": self.offload,
+            "hierarchical": self.hierarchical,
         }
 
     @classmethod
@@ -129,15 +161,19 @@ class Strategy:
             tuple(sorted(data.get("options", {}).items())),
             data["collective"],
             data.get("memory", "default"),
+            bool(data.get("offload", False)),
+            bool(data.get("hierarchical", False)),
         )
 
 
 @functools.lru_cache(maxsize=1024)
 def _label(strategy: Strategy) -> str:
+    suffix = ("+offload" if strategy.offload else "") + ("+hier" if strategy.hierarchical else "")
     if strategy.compressor is None:
-        return "fp32/all_reduce"
+        return f"fp32/{strategy.collective}{suffix}"
     opts = ",".join(f"{k}={v}" for k, v in strategy.options)
-    return f"{strategy.compressor}{'(' + opts + ')' if opts else ''}/{strategy.collective}"
+    name = f"{strategy.compressor}{'(' + opts + ')' if opts else ''}/{strategy.collective}"
+    return name + suffix
 
 
 def has_feedback(memory: Memory | None) -> bool:

@@ -78,19 +78,21 @@ class Profile:
     backward: float
     step: float
     world_size: int = 1
-    costs: dict[str, CompressionCost] = field(default_factory=dict)  # by Strategy.label()
+    costs: dict[str, CompressionCost] = field(default_factory=dict)  # by Strategy.cost_key()
 
     @property
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
 
     def cost(self, strategy: Strategy) -> CompressionCost:
-        label = strategy.label()
-        if label not in self.costs:
-            raise KeyError(
-                f"profile has no compression cost for {label}; profiled: {sorted(self.costs)}"
-            )
-        return self.costs[label]
+        key = strategy.cost_key()
+        if key in self.costs:
+            return self.costs[key]
+        if strategy.label() in self.costs:  # profiles saved before cost_key existed
+            return self.costs[strategy.label()]
+        raise KeyError(
+            f"profile has no compression cost for {key}; profiled: {sorted(self.costs)}"
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -184,7 +186,7 @@ def profile_model(
     ]
     tensors.sort(key=lambda t: t.ready)  # backward order
     total = sum(t.numel for t in tensors)
-    costs = {s.label(): measure_compression(s, max_numel=total) for s in compressors}
+    costs = {s.cost_key(): measure_compression(s, max_numel=total) for s in compressors}
     return Profile(tensors, _median(forward), _median(backward), _median(step), world_size, costs)
 
 

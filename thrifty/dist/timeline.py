@@ -10,6 +10,11 @@ The model follows Espresso's simulator (our note, section 1.3), adapted to how
   duration (compression contends with backward).
 * Offloaded groups (``Strategy.offload``) encode on a separate serial CPU lane
   instead, which does not delay backward.
+* Hierarchical groups (``Strategy.hierarchical``, several ranks per node, see
+  :class:`~thrifty.dist.topology.Topology`) first reduce-scatter inside the
+  node (blocking the launching thread), then run their collective across nodes
+  on a 1/k shard (so encode and decode work on the shard), then all-gather
+  inside the node at the end of backward.
 * One FIFO channel: a collective starts when its payload is ready and the
   previous collective has finished.
 * At the end of backward the engine finishes groups in order: wait for the
@@ -25,12 +30,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from thrifty.compressors import Compressor
 from thrifty.dist.network import NetworkModel
 from thrifty.dist.plan import Plan, Strategy
 from thrifty.dist.profile import Profile
+from thrifty.dist.topology import Topology
 
 __all__ = [
     "GroupCost",
@@ -98,6 +104,8 @@ def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> 
     """
     compressor = _compressor(strategy)
     if compressor is None:
+        if strategy.collective == "all_to_all":  # reduce-scatter + all-gather
+            return network.time("all_to_all", 4 * numel, n), network.time("all_gather", 4 * numel, n)
         return network.time("all_reduce", 4 * numel, n), 0.0
     if strategy.collective == "all_reduce":
         rounds = [r.spec.nbytes for r in compressor.allreduce_round_specs(numel)]
@@ -126,6 +134,20 @@ class GroupCost:
     offload: bool = False
 
 
+def _work(profile: Profile, strategy: Strategy, numel: int, n: int) -> tuple[float, float]:
+    """(encode, decode) seconds of one rank for a group of ``numel`` on ``n`` ranks."""
+    if strategy.compressor is None:
+        return 0.0, 0.0
+    cost = profile.cost(strategy)
+    shard = -(-numel // n)
+    if strategy.collective == "all_reduce":
+        return cost.encode_time(numel), cost.decode_time(numel)
+    if strategy.collective == "all_gather":
+        return cost.encode_time(numel), n * cost.decode_time(numel)
+    # divisible: n shards out; aggregate n, re-encode, decode n gathered shards
+    return n * cost.encode_time(shard), 2 * n * cost.decode_time(shard) + cost.encode_time(shard)
+
+
 def group_cost(
     profile: Profile,
     numel: int,
@@ -133,23 +155,47 @@ def group_cost(
     strategy: Strategy,
     network: NetworkModel,
     n: int,
+    topology: Topology | None = None,
 ) -> GroupCost:
+    if strategy.hierarchical:
+        return _hierarchical_cost(profile, numel, ready, strategy, topology)
     first, second = comm_time(strategy, numel, n, network)
-    if strategy.compressor is None:
-        encode = decode = 0.0
-    else:
-        cost = profile.cost(strategy)
-        shard = -(-numel // n)
-        if strategy.collective == "all_reduce":
-            encode, decode = cost.encode_time(numel), cost.decode_time(numel)
-        elif strategy.collective == "all_gather":
-            encode, decode = cost.encode_time(numel), n * cost.decode_time(numel)
-        else:  # divisible: n shards out; aggregate n, re-encode, decode n gathered shards
-            encode = n * cost.encode_time(shard)
-            decode = 2 * n * cost.decode_time(shard) + cost.encode_time(shard)
-    offload = bool(getattr(strategy, "offload", False))
+    encode, decode = _work(profile, strategy, numel, n)
     return GroupCost(
-        numel, ready, encode, first, decode + second, payload_bytes(strategy, numel), offload
+        numel,
+        ready,
+        encode,
+        first,
+        decode + second,
+        payload_bytes(strategy, numel),
+        strategy.offload,
+    )
+
+
+def _hierarchical_cost(
+    profile: Profile, numel: int, ready: float, strategy: Strategy, topology: Topology | None
+) -> GroupCost:
+    if topology is None or not topology.hierarchical:
+        raise ValueError(
+            f"{strategy.label()} is hierarchical: simulate it with a Topology of several "
+            "nodes with several ranks each"
+        )
+    assert topology.intra is not None and topology.inter is not None
+    k, nodes = topology.ranks_per_node, topology.nodes
+    shard = -(-numel // k)
+    across = replace(strategy, hierarchical=False)
+    first, second = comm_time(across, shard, nodes, topology.inter)
+    encode, decode = _work(profile, across, shard, nodes)
+    scatter = topology.intra.time("all_to_all", 4 * numel, k)
+    gather = topology.intra.time("all_gather", 4 * numel, k)
+    return GroupCost(
+        numel,
+        ready,
+        scatter + encode,
+        first,
+        decode + second + gather,
+        payload_bytes(across, shard),
+        strategy.offload,
     )
 
 
@@ -189,9 +235,23 @@ def schedule(profile: Profile, costs: Sequence[GroupCost]) -> Timeline:
 
 
 def simulate(
-    profile: Profile, plan: Plan, network: NetworkModel, world_size: int | None = None
+    profile: Profile,
+    plan: Plan,
+    network: NetworkModel | Topology,
+    world_size: int | None = None,
 ) -> Timeline:
-    """Predict one iteration's time and per-group schedule (see the module docstring)."""
+    """Predict one iteration's time and per-group schedule (see the module docstring).
+
+    ``network`` is a NetworkModel (all ranks behind one link) or a Topology.
+    """
+    topology = network if isinstance(network, Topology) else None
+    if topology is not None:
+        network = topology.flat
+        if world_size not in (None, topology.world_size):
+            raise ValueError(
+                f"world_size={world_size} contradicts the topology's {topology.world_size} ranks"
+            )
+        world_size = topology.world_size
     n = world_size or profile.world_size
     by_name = {t.name: t for t in profile.tensors}
     missing = [name for name in plan.names if name not in by_name]
@@ -201,5 +261,5 @@ def simulate(
     for group in plan.groups:
         numel = sum(by_name[name].numel for name in group.names)
         ready = max((by_name[name].ready for name in group.names), default=0.0)
-        costs.append(group_cost(profile, numel, ready, group.strategy, network, n))
+        costs.append(group_cost(profile, numel, ready, group.strategy, network, n, topology))
     return schedule(profile, costs)

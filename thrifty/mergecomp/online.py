@@ -181,7 +181,7 @@ class MergeCompTuner:
         backward = max((t.ready for t in tensors), default=0.0)
         total = sum(t.numel for t in tensors)
         cost = measure_compression(self.strategy, max_numel=total)
-        costs = {self.strategy.label(): cost}
+        costs = {self.strategy.cost_key(): cost}
         return Profile(tensors, 0.0, backward, 0.0, self.sync.world_size, costs)
 
     def _fit_network(self) -> NetworkModel:
