@@ -21,13 +21,16 @@ Example::
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from thrifty.dist.network import NetworkModel
 
-__all__ = ["Topology"]
+__all__ = ["NodeGroups", "Topology", "split_groups"]
 
 
 @dataclass(frozen=True)
@@ -105,3 +108,44 @@ class Topology:
     @classmethod
     def load(cls, path: str | Path) -> Topology:
         return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+@dataclass(frozen=True)
+class NodeGroups:
+    """This rank's two sub-groups for hierarchical collectives."""
+
+    ranks_per_node: int
+    nodes: int
+    intra: dist.ProcessGroup  # the ranks of this rank's node
+    cross: dist.ProcessGroup  # the ranks with this rank's local index, one per node
+    local_rank: int
+    node: int
+
+
+def split_groups(ranks_per_node: int | None = None) -> NodeGroups:
+    """Create the intra-node and cross-node groups of the world (call on every rank).
+
+    ``new_group`` is collective over the whole world, so every rank creates every
+    group in the same order and keeps its own two. ``ranks_per_node`` defaults
+    to torchrun's ``LOCAL_WORLD_SIZE``.
+    """
+    world, rank = dist.get_world_size(), dist.get_rank()
+    k = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if k < 1 or world % k:
+        raise ValueError(
+            f"ranks_per_node={k} does not divide the world size {world}: every node must "
+            "hold the same number of ranks"
+        )
+    nodes = world // k
+    shape = Topology(nodes, k, NetworkModel("unused"), NetworkModel("unused"), NetworkModel("x"))
+    intra = cross = None
+    for node in range(nodes):
+        group = dist.new_group(shape.node_ranks(node))
+        if node == shape.node_of(rank):
+            intra = group
+    for local in range(k):
+        group = dist.new_group(shape.cross_ranks(local))
+        if local == shape.local_rank(rank):
+            cross = group
+    assert intra is not None and cross is not None
+    return NodeGroups(k, nodes, intra, cross, shape.local_rank(rank), shape.node_of(rank))
