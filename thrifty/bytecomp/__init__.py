@@ -1,0 +1,37 @@
+"""ByteComp (Espresso): choose a compression strategy per tensor with a timeline model.
+
+* :func:`decide` - offline: ``decide(profile, "randomk", topology)`` returns a
+  :class:`Decision` whose ``plan`` GradientSync runs.
+* ``GradientSync(model, compressor="randomk", plan="bytecomp")`` - online: a few
+  warm-up iterations profile the model, then every rank switches to the plan
+  rank 0 decided.
+"""
+
+from __future__ import annotations
+
+from thrifty.bytecomp.decide import (
+    AUTO_BUCKETS,
+    Decision,
+    Unit,
+    brute_force,
+    decide,
+    iteration_times,
+    make_units,
+    zero_cost_profile,
+)
+from thrifty.bytecomp.tree import Constraints, compressions, gpu_options, options
+
+__all__ = [
+    "AUTO_BUCKETS",
+    "Constraints",
+    "Decision",
+    "Unit",
+    "brute_force",
+    "compressions",
+    "decide",
+    "gpu_options",
+    "iteration_times",
+    "make_units",
+    "options",
+    "zero_cost_profile",
+]
