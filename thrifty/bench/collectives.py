@@ -41,16 +41,22 @@ LOOPBACK = "loopback"
 ACCURACY_FROM_BYTES = LARGE_MESSAGE  # the fit is judged on messages >= 1 MB
 
 
-def _run_once(primitive: str, buf: torch.Tensor, out: torch.Tensor, n: int) -> None:
+def _run_once(
+    primitive: str,
+    buf: torch.Tensor,
+    out: torch.Tensor,
+    n: int,
+    group: dist.ProcessGroup | None = None,
+) -> None:
     """One collective on ``buf``, receiving into ``out``: the network, not the allocator."""
     chunk = buf.numel() // n
     if primitive == "all_reduce":
-        C.all_reduce(buf)
+        C.all_reduce(buf, group=group)
     elif primitive == "all_gather":
-        C.all_gather(buf[:chunk], out=list(out[: chunk * n].split(chunk)))
+        C.all_gather(buf[:chunk], group=group, out=list(out[: chunk * n].split(chunk)))
     elif primitive == "all_to_all":
-        C.all_to_all_v(list(buf[: chunk * n].split(chunk)), recv_sizes=[chunk] * n,
-                       out=out[: chunk * n])  # fmt: skip
+        C.all_to_all_v(list(buf[: chunk * n].split(chunk)), group=group,
+                       recv_sizes=[chunk] * n, out=out[: chunk * n])  # fmt: skip
     else:
         raise ValueError(f"unknown primitive {primitive!r}")
 
@@ -61,30 +67,44 @@ def time_collectives(
     budget_s: float,
     label: str,
     progress: bool = True,
+    group: dist.ProcessGroup | None = None,
+    lockstep: dist.ProcessGroup | None = None,
 ) -> list[dict[str, Any]]:
-    """Time each primitive at each size in the current group (call on every rank).
+    """Time each primitive at each size in ``group`` (call on every rank of it).
 
     Every rank gets the same rows: per size, the median over reps of the slowest
     rank's time. Also used by planners to fit a network model in place.
+
+    Args:
+        group: the process group the collectives run in; None is the world.
+        lockstep: the group that synchronises the reps and takes the slowest
+            time, by default ``group`` itself. To time disjoint groups running at
+            the same time (every node's intra group, or all cross groups sharing
+            the NICs), call this on every rank with ``lockstep`` spanning them
+            all: the groups then start each rep together, run the same number of
+            reps, and every rank gets the same rows.
     """
-    rank, n = dist.get_rank(), dist.get_world_size()
+    n = dist.get_world_size(group)
+    sync = group if lockstep is None else lockstep
     items = [(p, s) for p in primitives for s in sizes]
-    bar = tqdm(items, desc=label, disable=rank != 0 or not progress, leave=False, file=sys.stderr)
+    # One bar, on global rank 0, also when several groups are timed at once.
+    show = progress and dist.get_rank() == 0
+    bar = tqdm(items, desc=label, disable=not show, leave=False, file=sys.stderr)
     out = []
     for primitive, nbytes in bar:
         buf = torch.ones(max(n, nbytes // 4), dtype=torch.float32)
         recv = torch.empty_like(buf)
         if nbytes <= 4 << 20:
-            _run_once(primitive, buf, recv, n)  # warm-up: connections, allocator
+            _run_once(primitive, buf, recv, n, group)  # warm-up: connections, allocator
         reps: list[float] = []
         # Decide on the all-reduced times, never a local clock: every rank must
         # run the same number of reps or the collectives mismatch.
         while len(reps) < 3 or (sum(reps) < budget_s and len(reps) < 20):
-            dist.barrier()
+            dist.barrier(group=sync)
             start = time.perf_counter()
-            _run_once(primitive, buf, recv, n)
+            _run_once(primitive, buf, recv, n, group)
             elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+            dist.all_reduce(elapsed, op=dist.ReduceOp.MAX, group=sync)
             reps.append(elapsed.item())
         out.append(
             {"primitive": primitive, "world_size": n, "nbytes": nbytes,
