@@ -77,7 +77,7 @@ def _fit_one(points: list[Measurement]) -> AlphaBeta:
     a token-bucket link lets mid-size bursts through faster than the sustained
     rate. So ``alpha`` and ``beta`` minimise the relative error of messages
     >= 1 MB (or of the larger half when fewer than two are that big), and
-    ``floor`` is the time of the smallest message (itself a median of reps), and
+    ``floor`` is the cheapest of the smaller messages (each a median of reps), and
     the line never passes above that point. With fewer than four sizes, one relative least-squares
     line over all of them.
     """
@@ -89,7 +89,9 @@ def _fit_one(points: list[Measurement]) -> AlphaBeta:
     large = np.array([p.nbytes >= LARGE_MESSAGE for p in points])
     if large.sum() < 2:
         large = np.arange(len(points)) >= len(points) // 2
-    floor = float(t[0])
+    # The cheapest small call, not just the smallest: one noisy small median on
+    # a busy machine would otherwise lift the floor above mid-size messages.
+    floor = float(t[~large].min()) if (~large).any() else float(t[0])
     v, tl = vol[large], t[large]
     line = _relative_lstsq(v, tl)
     if line.time(vol[0]) > floor:
