@@ -15,6 +15,29 @@ including those whose parameters got no gradient on this rank, are launched;
 then every result is waited for, decompressed, aggregated, divided by the
 world size and written to ``.grad``. Any optimizer then steps as usual.
 
+The two switches of a :class:`~thrifty.dist.plan.Strategy` change where that
+work happens, as :mod:`thrifty.dist.timeline` models it:
+
+* ``offload``: steps 2-4 of the group run on one CPU worker thread, the
+  *launcher*, so backward is not delayed by them. Collectives must be issued
+  in plan order on every rank, so when a plan offloads any group, *every*
+  group's collective is issued by the launcher, in plan order: a group that is
+  not offloaded is compressed on the backward thread and its payload handed
+  over; an offloaded group hands over its flat gradient. Results are the same
+  bit for bit as without offload. An exception on the launcher is re-raised
+  from ``backward()``.
+* ``hierarchical``: with ``k`` ranks per node (ranks numbered node by node),
+  the fp32 group is reduce-scattered inside the node (blocking, on the
+  launching thread), the rank's shard of the node mean goes through the
+  group's strategy across nodes (one rank per node, same local index), and at
+  the end of backward the mean shards are all-gathered inside the node. In a
+  plan with a launcher the whole launch of a hierarchical group (the intra-node
+  step, then compressing its shard) runs there, offloaded or not: its shard
+  only exists after a collective that must be issued in plan order; when the
+  group is not offloaded, backward waits for that launch, so the work still
+  delays backward as the timeline assumes. One node
+  (``k`` = world) or one rank per node is allowed: a step over one rank is a copy.
+
 Example::
 
     model = Net()
@@ -28,12 +51,15 @@ Example::
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -44,6 +70,7 @@ from thrifty.compressors import Compressor
 from thrifty.compressors.memory import Memory
 from thrifty.dist import collectives as C
 from thrifty.dist.plan import Group, Plan, Strategy, has_feedback
+from thrifty.dist.topology import NodeGroups, split_groups
 
 __all__ = ["GradientSync", "get_planner", "register_planner"]
 
@@ -53,6 +80,13 @@ log = logging.getLogger(__name__)
 # register a factory of planners here so the engine never imports them.
 Planner = Callable[["GradientSync", Strategy], Plan]
 _PLANNERS: dict[str, Callable[..., Planner]] = {}
+
+# A scheme in two halves: preparing (error feedback, compression) returns a
+# Launch; calling it issues the asynchronous collective and returns a Finish;
+# calling that at the end of backward waits, runs any second phase and returns
+# the mean over the ranks of the link.
+Finish = Callable[[], Tensor]
+Launch = Callable[[], Finish]
 
 
 def register_planner(name: str, factory: Callable[..., Planner]) -> None:
@@ -71,6 +105,15 @@ def get_planner(name: str, **options: Any) -> Planner:
     return _PLANNERS[name](**options)
 
 
+@dataclass(frozen=True)
+class _Link:
+    """The ranks one scheme runs over: a process group, its size, this rank's index in it."""
+
+    group: dist.ProcessGroup | None
+    size: int
+    rank: int
+
+
 @dataclass
 class _GroupState:
     """Everything one group owns across iterations: its compressor and memories."""
@@ -83,7 +126,8 @@ class _GroupState:
     second_memory: Memory | None  # for the re-compression of the divisible scheme
     numel: int = 0
     ready: set[int] = field(default_factory=set)
-    finish: Callable[[], Tensor] | None = None
+    finish: Finish | None = None
+    launched: concurrent.futures.Future[Finish] | None = None  # its launch on the launcher
 
 
 class GradientSync:
@@ -100,7 +144,11 @@ class GradientSync:
             compressor allows it, else all-gather.
         memory: error feedback for the default strategy (``"default"``, ``"none"``,
             ``"residual"``, ``"dgc"``).
-        process_group: defaults to the world.
+        process_group: defaults to the world. Hierarchical strategies need the world.
+        ranks_per_node: ranks on each node, for hierarchical strategies (ranks are
+            numbered node by node). Defaults to ``LOCAL_WORLD_SIZE``, else the world
+            size. Given, the node groups are created at construction (every rank
+            must pass the same value); otherwise when a plan first needs them.
         broadcast_parameters: copy rank 0's parameters and buffers to every rank
             at construction, as DDP does, so the replicas start equal.
         check_plan: all-gather the plan's fingerprint and refuse to start when
@@ -117,6 +165,7 @@ class GradientSync:
         collective: str | None = None,
         memory: str = "default",
         process_group: dist.ProcessGroup | None = None,
+        ranks_per_node: int | None = None,
         broadcast_parameters: bool = True,
         check_plan: bool = True,
         **compressor_options: Any,
@@ -125,10 +174,23 @@ class GradientSync:
             raise RuntimeError(
                 "GradientSync needs torch.distributed: call init_process_group first"
             )
+        if ranks_per_node is not None and ranks_per_node < 1:
+            raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
         self.model = model
         self.group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
+        self._world = _Link(process_group, self.world_size, self.rank)
+        self._ranks_per_node = ranks_per_node
+        self._nodes: NodeGroups | None = None
+        self._launcher: concurrent.futures.ThreadPoolExecutor | None = None
+        self._launcher_failed = False
+        # The ledger is entered once while any thread of this engine communicates.
+        self._ledger_lock = threading.Lock()
+        self._ledger_users = 0
+        self._ledger_scope = contextlib.ExitStack()
+        if ranks_per_node is not None:
+            self._node_links()
         # Backward produces gradients roughly in reverse registration order;
         # plans are written in that order (DDP makes the same first guess).
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -145,6 +207,7 @@ class GradientSync:
         self.plan.check_covers(self._params)
         if check_plan:
             self._check_plan_agrees()
+        self._provide_for(self.plan)
         self._groups = self._build_groups(self.plan)
         self._group_of = self._index_groups(self._groups)
         self.ledger = C.CommLedger()
@@ -190,6 +253,39 @@ class GradientSync:
                 "deterministically or decide it on rank 0 and broadcast it."
             )
 
+    def _provide_for(self, plan: Plan) -> None:
+        """Node groups for hierarchical groups, the launcher thread for offloaded ones.
+
+        Plans agree across ranks, so every rank creates the node groups (a
+        collective over the world) at the same point.
+        """
+        if any(g.strategy.hierarchical for g in plan.groups):
+            self._node_links()
+        offload = any(g.strategy.offload for g in plan.groups)
+        if offload and self._launcher is None:
+            self._launcher = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="thrifty-launcher"
+            )
+        elif not offload and self._launcher is not None:
+            self._launcher.shutdown(wait=True)
+            self._launcher = None
+
+    def _node_links(self) -> tuple[_Link, _Link]:
+        """(intra-node, cross-node) links of this rank; the groups are created once."""
+        if self._nodes is None:
+            if self.group is not None and self.group is not dist.group.WORLD:
+                raise ValueError(
+                    "hierarchical strategies split the world into nodes; they cannot run on "
+                    "a custom process_group (use the default world group, or plain strategies)"
+                )
+            k = self._ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+            self._nodes = split_groups(k)  # ValueError when k does not divide the world
+        nodes = self._nodes
+        return (
+            _Link(nodes.intra, nodes.ranks_per_node, nodes.local_rank),
+            _Link(nodes.cross, nodes.nodes, nodes.node),
+        )
+
     def _build_groups(self, plan: Plan) -> list[_GroupState]:
         groups = []
         for i, g in enumerate(plan.groups):
@@ -211,6 +307,11 @@ class GradientSync:
 
     # ------------------------------------------------------------------ public
 
+    @property
+    def ranks_per_node(self) -> int:
+        """Ranks per node for hierarchical groups (``LOCAL_WORLD_SIZE`` unless given)."""
+        return self._ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", self.world_size))
+
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally; the first backward after the block syncs them."""
@@ -226,18 +327,21 @@ class GradientSync:
         Error feedback carries over: each parameter's residual (or DGC momentum
         and velocity) moves to the group that holds it in the new plan, when
         both use the same kind of memory; nothing already accumulated is lost.
+        Groups of the divisible scheme (``all_to_all``) and hierarchical groups
+        keep state per shard, not per parameter: theirs starts afresh.
         """
         if self._in_backward:
             raise RuntimeError("set_plan must be called between iterations, not during backward")
         plan.check_covers(self._params)
         previous = self.plan
         self.plan = plan
-        if check_plan:
-            try:
+        try:
+            if check_plan:
                 self._check_plan_agrees()
-            except RuntimeError:
-                self.plan = previous
-                raise
+            self._provide_for(plan)
+        except (RuntimeError, ValueError):
+            self.plan = previous
+            raise
         groups = self._build_groups(plan)
         _carry_memory(self._groups, groups)
         self._groups = groups
@@ -249,10 +353,13 @@ class GradientSync:
         return {id(p): state for state in groups for p in state.params}
 
     def remove(self) -> None:
-        """Detach the hooks; the model goes back to purely local gradients."""
+        """Detach the hooks and stop the launcher; the model goes back to local gradients."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=True)
+            self._launcher = None
 
     # ------------------------------------------------------------------ backward
 
@@ -269,7 +376,12 @@ class GradientSync:
             self.ready_times[name] = now - (self._backward_start or now)
             state = self._group_of[id(param)]
             state.ready.add(id(param))
-            self._launch_ready_groups()
+            try:
+                self._launch_ready_groups()
+            except BaseException:
+                # backward fails and never calls _finish_backward: start afresh next time
+                self._end_iteration()
+                raise
 
         return hook
 
@@ -287,18 +399,28 @@ class GradientSync:
                 self._launch(self._groups[self._next_launch])
                 self._next_launch += 1
             for state in self._groups:
+                if state.launched is not None:
+                    state.finish = state.launched.result()  # re-raises the launcher's error
+            for state in self._groups:
                 assert state.finish is not None
                 averaged = state.finish()
                 self._write_grads(state, averaged)
         finally:
-            for state in self._groups:
-                state.ready.clear()
-                state.finish = None
-            self._next_launch = 0
-            self._in_backward = False
+            self._end_iteration()
         self.iterations += 1
         for callback in list(self.iteration_callbacks):
             callback(self)
+
+    def _end_iteration(self) -> None:
+        launched = [s.launched for s in self._groups if s.launched is not None]
+        concurrent.futures.wait(launched)  # nothing of this iteration runs into the next
+        for state in self._groups:
+            state.ready.clear()
+            state.finish = None
+            state.launched = None
+        self._next_launch = 0
+        self._in_backward = False
+        self._launcher_failed = False
 
     def _flatten(self, state: _GroupState) -> Tensor:
         parts = [
@@ -318,33 +440,148 @@ class GradientSync:
                 p.grad.copy_(value)
             offset += n
 
-    # ------------------------------------------------------------------ strategies
+    # ------------------------------------------------------------------ launching
 
     def _launch(self, state: _GroupState) -> None:
+        """Prepare and launch one group, here or on the launcher (see the module docstring)."""
         flat = self._flatten(state)
-        strategy = state.group.strategy
-        with C.count_bytes(self.ledger):
-            if state.compressor is None:
-                state.finish = self._launch_plain(flat)
-            elif strategy.collective == "all_reduce":
-                state.finish = self._launch_allreduce(state, flat)
-            elif strategy.collective == "all_gather":
-                state.finish = self._launch_allgather(state, flat)
-            else:
-                state.finish = self._launch_divisible(state, flat)
+        if self._launcher is None:
+            with self._counting():
+                state.finish = self._prepare(state, flat)()
+            return
+        if state.group.strategy.offload:
 
-    def _launch_plain(self, flat: Tensor) -> Callable[[], Tensor]:
-        flat.div_(self.world_size)  # before the sum, as DDP does: no overflow
-        pending = C.all_reduce(flat, group=self.group, async_op=True)
-        return pending.wait  # type: ignore[union-attr]
+            def job() -> Finish:
+                return self._prepare(state, flat)()
+
+        else:
+            job = self._prepare(state, flat)  # compressed here, on the backward thread
+        state.launched = self._launcher.submit(self._on_launcher, job)
+        strategy = state.group.strategy
+        if strategy.hierarchical and not strategy.offload:
+            # Its intra-node step and compression run on the launcher (see the
+            # module docstring) but belong to backward's thread, as the
+            # timeline models them: backward waits for them here.
+            concurrent.futures.wait([state.launched])
+
+    def _on_launcher(self, job: Launch) -> Finish:
+        if self._launcher_failed:  # the main thread re-raises the first failure
+            raise RuntimeError("not launched: an earlier group failed on the launcher thread")
+        try:
+            with self._counting():
+                return job()
+        except BaseException:
+            self._launcher_failed = True
+            raise
+
+    @contextlib.contextmanager
+    def _counting(self) -> Iterator[None]:
+        """Count the collectives inside the block into ``self.ledger``, from any thread.
+
+        ``C.count_bytes`` keeps one process-wide list of active ledgers (so that
+        an outer ``count_bytes()`` also sees what the launcher sends). Two
+        overlapping blocks of the same ledger, one per thread, would count every
+        collective twice, so the ledger is entered once while any thread of this
+        engine is inside.
+        """
+        with self._ledger_lock:
+            if self._ledger_users == 0:
+                self._ledger_scope.enter_context(C.count_bytes(self.ledger))
+            self._ledger_users += 1
+        try:
+            yield
+        finally:
+            with self._ledger_lock:
+                self._ledger_users -= 1
+                if self._ledger_users == 0:
+                    self._ledger_scope.close()
+
+    # ------------------------------------------------------------------ strategies
+
+    def _prepare(self, state: _GroupState, flat: Tensor) -> Launch:
+        strategy = state.group.strategy
+        if strategy.hierarchical:
+            return lambda: self._launch_hierarchical(state, flat)
+        return self._prepare_flat(state, strategy, flat, self._world)
+
+    def _prepare_flat(
+        self, state: _GroupState, strategy: Strategy, flat: Tensor, link: _Link
+    ) -> Launch:
+        """The group's own work for a non-hierarchical ``strategy`` over ``link``."""
+        if state.compressor is None:
+            if strategy.collective == "all_to_all":
+                return self._prepare_scatter_gather(flat, link)
+            return self._prepare_plain(flat, link)
+        if strategy.collective == "all_reduce":
+            return self._prepare_allreduce(state, flat, link)
+        if strategy.collective == "all_gather":
+            return self._prepare_allgather(state, flat, link)
+        return self._prepare_divisible(state, flat, link)
+
+    def _prepare_plain(self, flat: Tensor, link: _Link) -> Launch:
+        flat.div_(link.size)  # before the sum, as DDP does: no overflow
+
+        def launch() -> Finish:
+            pending = C.all_reduce(flat, group=link.group, async_op=True)
+            return pending.wait  # type: ignore[union-attr]
+
+        return launch
+
+    def _prepare_scatter_gather(self, flat: Tensor, link: _Link) -> Launch:
+        """Uncompressed ``all_to_all``: reduce-scatter (all-to-all of fp32 shards), all-gather."""
+        n, numel = link.size, flat.numel()
+        if numel == 0:
+            return lambda: lambda: flat
+        shard = math.ceil(numel / n)
+        padded = _padded(flat, shard * n).div_(n)  # before the sum, as DDP does
+
+        def launch() -> Finish:
+            pending = C.all_to_all_v(
+                list(padded.split(shard)), link.group, async_op=True, recv_sizes=[shard] * n
+            )
+
+            def finish() -> Tensor:
+                received = pending.wait()  # type: ignore[union-attr]
+                mine = torch.stack(received).sum(0)
+                with self._counting():
+                    gathered = C.all_gather(mine, link.group)
+                return torch.cat(gathered)[:numel]  # type: ignore[arg-type]
+
+            return finish
+
+        return launch
+
+    def _launch_hierarchical(self, state: _GroupState, flat: Tensor) -> Finish:
+        """Reduce-scatter in the node, the flat strategy across nodes, all-gather in the node."""
+        intra, cross = self._node_links()
+        k, numel = intra.size, flat.numel()
+        if numel == 0:
+            return lambda: flat
+        shard = math.ceil(numel / k)
+        padded = _padded(flat, shard * k)
+        received = C.all_to_all_v(list(padded.split(shard)), intra.group, recv_sizes=[shard] * k)
+        # The node mean, not the sum: the strategy across nodes then averages
+        # node means into the world mean, and linear compressors see the scale
+        # they see in the flat scheme.
+        node_mean = torch.stack(received).sum(0).div_(k)  # type: ignore[arg-type]
+        across = replace(state.group.strategy, hierarchical=False)
+        inner = self._prepare_flat(state, across, node_mean, cross)()
+
+        def finish() -> Tensor:
+            mean = inner()
+            with self._counting():
+                gathered = C.all_gather(mean, intra.group)
+            return torch.cat(gathered)[:numel]  # type: ignore[arg-type]
+
+        return finish
 
     def _compensate(self, memory: Memory | None, flat: Tensor, key: Any) -> Tensor:
         return flat if memory is None else memory.compensate(flat, key)
 
-    def _launch_allreduce(self, state: _GroupState, flat: Tensor) -> Callable[[], Tensor]:
+    def _prepare_allreduce(self, state: _GroupState, flat: Tensor, link: _Link) -> Launch:
         compressor = state.compressor
         assert compressor is not None
-        key, n = state.index, self.world_size
+        key, n = state.index, link.size
         compensated = self._compensate(state.memory, flat, key)
         # Linear compressors (payloads sum elementwise) get the input divided
         # first, like DDP's fp16 hook: the sum then cannot overflow FP16.
@@ -352,25 +589,29 @@ class GradientSync:
         rounds = compressor.allreduce_rounds(compensated / n if linear else compensated, key)
         request = next(rounds)
         own = request.tensor.clone()
-        pending = C.all_reduce(request.tensor, _op(request.op), self.group, async_op=True)
 
-        def finish() -> Tensor:
-            reduced = pending.wait()  # type: ignore[union-attr]
-            with C.count_bytes(self.ledger):
-                while True:
-                    try:
-                        nxt = rounds.send(reduced)
-                    except StopIteration as stop:
-                        total: Tensor = stop.value
-                        break
-                    reduced = C.all_reduce(nxt.tensor, _op(nxt.op), self.group)  # type: ignore[assignment]
-            mean = total if linear else total / n
-            if has_feedback(state.memory):
-                sent = self._sent(compressor, own, mean, key, scale=n if linear else 1)
-                state.memory.update(key, compensated, sent)
-            return mean
+        def launch() -> Finish:
+            pending = C.all_reduce(request.tensor, _op(request.op), link.group, async_op=True)
 
-        return finish
+            def finish() -> Tensor:
+                reduced = pending.wait()  # type: ignore[union-attr]
+                with self._counting():
+                    while True:
+                        try:
+                            nxt = rounds.send(reduced)
+                        except StopIteration as stop:
+                            total: Tensor = stop.value
+                            break
+                        reduced = C.all_reduce(nxt.tensor, _op(nxt.op), link.group)  # type: ignore[assignment]
+                mean = total if linear else total / n
+                if has_feedback(state.memory):
+                    sent = self._sent(compressor, own, mean, key, scale=n if linear else 1)
+                    state.memory.update(key, compensated, sent)
+                return mean
+
+            return finish
+
+        return launch
 
     def _sent(
         self, compressor: Compressor, own: Tensor, mean: Tensor, key: Any, scale: int
@@ -396,29 +637,33 @@ class GradientSync:
             memory.update(key, compensated, compressor.decompress(payload, flat.numel(), key))
         return payload
 
-    def _launch_allgather(self, state: _GroupState, flat: Tensor) -> Callable[[], Tensor]:
+    def _prepare_allgather(self, state: _GroupState, flat: Tensor, link: _Link) -> Launch:
         compressor = state.compressor
         assert compressor is not None
         key, numel = state.index, flat.numel()
         payload = self._compress(compressor, state.memory, flat, key)
         layout = C.Layout.of(payload)
-        pending = C.all_gather(C.pack(payload), self.group, async_op=True)
+        packed = C.pack(payload)
 
-        def finish() -> Tensor:
-            gathered = pending.wait()  # type: ignore[union-attr]
-            payloads = [C.unpack(buf, layout) for buf in gathered]
-            return compressor.aggregate(payloads, numel, key) / self.world_size
+        def launch() -> Finish:
+            pending = C.all_gather(packed, link.group, async_op=True)
 
-        return finish
+            def finish() -> Tensor:
+                gathered = pending.wait()  # type: ignore[union-attr]
+                payloads = [C.unpack(buf, layout) for buf in gathered]
+                return compressor.aggregate(payloads, numel, key) / link.size
 
-    def _launch_divisible(self, state: _GroupState, flat: Tensor) -> Callable[[], Tensor]:
+            return finish
+
+        return launch
+
+    def _prepare_divisible(self, state: _GroupState, flat: Tensor, link: _Link) -> Launch:
         """All-to-all of compressed shards, aggregate own shard, re-compress, all-gather."""
         compressor = state.compressor
         assert compressor is not None
-        n, numel = self.world_size, flat.numel()
+        n, numel = link.size, flat.numel()
         shard = math.ceil(numel / n) if numel else 0
-        padded = torch.zeros(shard * n, dtype=torch.float32)
-        padded[:numel] = flat
+        padded = _padded(flat, shard * n)
         compensated = self._compensate(state.memory, padded, state.index)
         keys = [(state.index, "shard", j) for j in range(n)]
         parts = compensated.split(shard) if shard else [padded] * n
@@ -428,21 +673,34 @@ class GradientSync:
             state.memory.update(state.index, compensated, torch.cat(sent) if shard else padded)
         layout = C.Layout.of(payloads[0])
         buffers = [C.pack(p) for p in payloads]
-        pending = C.all_to_all_v(buffers, self.group, async_op=True, recv_sizes=[layout.nbytes] * n)
 
-        def finish() -> Tensor:
-            received = pending.wait()  # type: ignore[union-attr]
-            mine = [C.unpack(buf, layout) for buf in received]
-            shard_sum = compressor.aggregate(mine, shard, keys[self.rank])
-            key2 = (state.index, "reduced")
-            with C.count_bytes(self.ledger):
-                again = self._compress(compressor, state.second_memory, shard_sum, key2)
-                gathered = C.all_gather(C.pack(again), self.group)
-            layout2 = C.Layout.of(again)
-            parts = [compressor.decompress(C.unpack(b, layout2), shard, key2) for b in gathered]
-            return torch.cat(parts)[:numel] / self.world_size if parts else flat
+        def launch() -> Finish:
+            pending = C.all_to_all_v(
+                buffers, link.group, async_op=True, recv_sizes=[layout.nbytes] * n
+            )
 
-        return finish
+            def finish() -> Tensor:
+                received = pending.wait()  # type: ignore[union-attr]
+                mine = [C.unpack(buf, layout) for buf in received]
+                shard_sum = compressor.aggregate(mine, shard, keys[link.rank])
+                key2 = (state.index, "reduced")
+                with self._counting():
+                    again = self._compress(compressor, state.second_memory, shard_sum, key2)
+                    gathered = C.all_gather(C.pack(again), link.group)
+                layout2 = C.Layout.of(again)
+                parts = [compressor.decompress(C.unpack(b, layout2), shard, key2) for b in gathered]
+                return torch.cat(parts)[:numel] / n if parts else flat
+
+            return finish
+
+        return launch
+
+
+def _padded(flat: Tensor, numel: int) -> Tensor:
+    """A fresh fp32 copy of ``flat`` with zeros up to ``numel`` elements."""
+    out = torch.zeros(numel, dtype=torch.float32)
+    out[: flat.numel()] = flat
+    return out
 
 
 def _with_layer_shape(strategy: Strategy, params: list[nn.Parameter]) -> Compressor | None:
@@ -460,17 +718,32 @@ def _with_layer_shape(strategy: Strategy, params: list[nn.Parameter]) -> Compres
         and lone.dim() >= 2
         and getattr(compressor, "shape", "absent") is None
         and strategy.collective != "all_to_all"  # shards are not the layer's matrix
+        and not strategy.hierarchical
     ):
         compressor.shape = (lone.shape[0], lone.numel() // lone.shape[0])  # type: ignore[union-attr]
     return compressor
+
+
+def _keeps_state_per_parameter(state: _GroupState) -> bool:
+    """Whether a group's error feedback is laid out parameter by parameter.
+
+    Not for the divisible scheme nor hierarchical groups: theirs is per shard.
+    """
+    strategy = state.group.strategy
+    return (
+        state.memory is not None
+        and strategy.collective != "all_to_all"
+        and not strategy.hierarchical
+    )
 
 
 def _carry_memory(old: list[_GroupState], new: list[_GroupState]) -> None:
     """Move per-parameter error-feedback state from the old groups to the new ones."""
     per_param: dict[str, tuple[type, dict[str, Tensor]]] = {}
     for state in old:
-        if state.memory is None or state.group.strategy.collective == "all_to_all":
-            continue  # the divisible scheme's state is per shard, not per parameter
+        if not _keeps_state_per_parameter(state):
+            continue
+        assert state.memory is not None
         exported = state.memory.export_state(state.index)
         offset = 0
         for name, p in zip(state.group.names, state.params, strict=True):
@@ -481,8 +754,9 @@ def _carry_memory(old: list[_GroupState], new: list[_GroupState]) -> None:
             )
             offset += n
     for state in new:
-        if state.memory is None or state.group.strategy.collective == "all_to_all":
+        if not _keeps_state_per_parameter(state):
             continue
+        assert state.memory is not None
         kinds = set().union(*(per_param.get(n, (None, {}))[1].keys() for n in state.group.names))
         if not kinds:
             continue

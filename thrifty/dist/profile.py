@@ -90,9 +90,7 @@ class Profile:
             return self.costs[key]
         if strategy.label() in self.costs:  # profiles saved before cost_key existed
             return self.costs[strategy.label()]
-        raise KeyError(
-            f"profile has no compression cost for {key}; profiled: {sorted(self.costs)}"
-        )
+        raise KeyError(f"profile has no compression cost for {key}; profiled: {sorted(self.costs)}")
 
     def to_dict(self) -> dict[str, Any]:
         return {

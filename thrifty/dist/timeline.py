@@ -105,7 +105,8 @@ def comm_time(strategy: Strategy, numel: int, n: int, network: NetworkModel) -> 
     compressor = _compressor(strategy)
     if compressor is None:
         if strategy.collective == "all_to_all":  # reduce-scatter + all-gather
-            return network.time("all_to_all", 4 * numel, n), network.time("all_gather", 4 * numel, n)
+            scatter = network.time("all_to_all", 4 * numel, n)
+            return scatter, network.time("all_gather", 4 * numel, n)
         return network.time("all_reduce", 4 * numel, n), 0.0
     if strategy.collective == "all_reduce":
         rounds = [r.spec.nbytes for r in compressor.allreduce_round_specs(numel)]
