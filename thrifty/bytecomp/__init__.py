@@ -19,19 +19,27 @@ from thrifty.bytecomp.decide import (
     make_units,
     zero_cost_profile,
 )
+from thrifty.bytecomp.online import ByteComp, ByteCompTuner, fit_topology
 from thrifty.bytecomp.tree import Constraints, compressions, gpu_options, options
+from thrifty.dist.engine import register_planner
 
 __all__ = [
     "AUTO_BUCKETS",
+    "ByteComp",
+    "ByteCompTuner",
     "Constraints",
     "Decision",
     "Unit",
     "brute_force",
     "compressions",
     "decide",
+    "fit_topology",
     "gpu_options",
     "iteration_times",
     "make_units",
     "options",
     "zero_cost_profile",
 ]
+
+# GradientSync(model, compressor=..., plan="bytecomp"): profile, decide on rank 0, switch.
+register_planner("bytecomp", ByteComp)

@@ -1,0 +1,168 @@
+"""``GradientSync(model, compressor=..., plan="bytecomp")``: profile, decide, switch.
+
+1. While profiling, the model trains with one uncompressed whole-model group:
+   nothing is sent during backward, so the recorded ready times are clean.
+2. After ``warmup`` iterations rank 0 builds a :class:`~thrifty.dist.profile.Profile`
+   (median ready times, the compressors' measured cost on this machine), takes
+   the given :class:`~thrifty.dist.Topology` or fits one in place (a few timed
+   collectives on the world, and on the node groups when there are several
+   nodes), and runs :func:`~thrifty.bytecomp.decide`.
+3. Rank 0 broadcasts the plan; every rank switches to it (error feedback starts
+   fresh: nothing was compressed before).
+
+With both ``profile`` and ``topology`` given, the decision is made at once,
+deterministically, on every rank, and no warm-up is needed.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch.distributed as dist
+
+from thrifty.bytecomp.decide import Decision, decide
+from thrifty.bytecomp.tree import Constraints
+from thrifty.dist import GradientSync, NetworkModel, Plan, Strategy, Topology
+from thrifty.dist.network import Measurement
+from thrifty.dist.profile import Profile, TensorProfile, measure_compression
+
+__all__ = ["ByteComp", "ByteCompTuner", "fit_topology"]
+
+log = logging.getLogger(__name__)
+
+FIT_SIZES = (16 << 10, 256 << 10, 2 << 20, 8 << 20)
+
+
+@dataclass
+class ByteComp:
+    """The ``plan=`` argument of GradientSync that runs ByteComp's decision.
+
+    Args:
+        topology: nodes, ranks per node and network models; None fits one in place.
+        profile: a profile of this model (:func:`thrifty.dist.profile.profile_model`);
+            None measures one during the first ``warmup`` iterations.
+        warmup: iterations with the uncompressed whole-model plan before deciding.
+        constraints, bucket_bytes, offload_end: passed to :func:`decide`.
+    """
+
+    topology: Topology | None = None
+    profile: Profile | None = None
+    warmup: int = 3
+    constraints: Constraints | None = None
+    bucket_bytes: int | str = "auto"
+    offload_end: str = "output"
+    decisions: list[Decision] = field(default_factory=list, repr=False)
+    tuners: list[ByteCompTuner] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.warmup < 1:
+            raise ValueError(f"warmup must be >= 1, got {self.warmup}")
+
+    def decide(self, profile: Profile, strategy: Strategy, topology: Topology) -> Decision:
+        decision = decide(
+            profile,
+            strategy,
+            topology,
+            constraints=self.constraints,
+            bucket_bytes=self.bucket_bytes,
+            offload_end=self.offload_end,
+        )
+        self.decisions.append(decision)
+        return decision
+
+    def __call__(self, sync: GradientSync, strategy: Strategy) -> Plan:
+        if strategy.compressor is None:
+            raise ValueError(
+                "plan='bytecomp' chooses where and how to compress: give it a compressor, "
+                "e.g. GradientSync(model, compressor='randomk', plan='bytecomp', ratio=0.01)"
+            )
+        if self.profile is not None and self.topology is not None:
+            return self.decide(self.profile, strategy, self.topology).plan
+        tuner = ByteCompTuner(sync, strategy, self)
+        self.tuners.append(tuner)
+        sync.iteration_callbacks.append(tuner)
+        return Plan.whole_model(sync.backward_order, Strategy())
+
+
+class ByteCompTuner:
+    """Collects ready times during warm-up, then decides and switches the plan."""
+
+    def __init__(self, sync: GradientSync, strategy: Strategy, config: ByteComp) -> None:
+        self.sync, self.strategy, self.config = sync, strategy, config
+        self.decision: Decision | None = None
+        self.search_seconds = 0.0
+        self._ready: dict[str, list[float]] = {}
+
+    @property
+    def chosen(self) -> Decision | None:  # the benchmark's "search finished" flag
+        return self.decision
+
+    def __call__(self, sync: GradientSync) -> None:
+        for name, t in sync.ready_times.items():
+            self._ready.setdefault(name, []).append(t)
+        if sync.iterations < self.config.warmup:
+            return
+        started = time.perf_counter()
+        topology = self.config.topology or fit_topology(sync)
+        plan_dict = [None]
+        if sync.rank == 0:
+            decision = self.config.decide(self._profile(), self.strategy, topology)
+            self.decision = decision
+            plan_dict = [decision.plan.to_dict()]
+        dist.broadcast_object_list(plan_dict, src=_global(sync, 0), group=sync.group)
+        plan = Plan.from_dict(plan_dict[0])  # type: ignore[arg-type]
+        sync.iteration_callbacks.remove(self)
+        sync.set_plan(plan)
+        if self.decision is None:  # other ranks: same plan, no prediction of their own
+            self.decision = Decision(plan, float("nan"), float("nan"), -1, 0)
+        self.search_seconds = time.perf_counter() - started
+        log.info("ByteComp switched to %s after %.2fs", plan.describe()[:200], self.search_seconds)
+
+    def _profile(self) -> Profile:
+        params = dict(self.sync.model.named_parameters())
+        tensors = sorted(
+            (
+                TensorProfile(
+                    name,
+                    params[name].numel(),
+                    str(params[name].dtype).removeprefix("torch."),
+                    statistics.median(self._ready.get(name, [0.0])),
+                )
+                for name in self.sync.backward_order
+            ),
+            key=lambda t: t.ready,
+        )
+        backward = max((t.ready for t in tensors), default=0.0)
+        total = sum(t.numel for t in tensors)
+        bases = [self.strategy]
+        if self.config.constraints is not None:
+            bases += [Strategy.make(name) for name in self.config.constraints.extra]
+        costs = {b.cost_key(): measure_compression(b, max_numel=total) for b in bases}
+        return Profile(tensors, 0.0, backward, 0.0, self.sync.world_size, costs)
+
+
+def _global(sync: GradientSync, rank: int) -> int:
+    return dist.get_global_rank(sync.group, rank) if sync.group is not None else rank
+
+
+def fit_topology(sync: GradientSync) -> Topology:
+    """Time a few collectives now (every rank calls this) and fit the topology's models."""
+    world = sync.world_size
+    k = sync.ranks_per_node
+    if k > 1 and world // k > 1 and sync.group is None:
+        from thrifty.bench.cluster import measure_topology
+
+        return measure_topology(FIT_SIZES, budget_s=0.0, progress=False, ranks_per_node=k)
+    from thrifty.bench.collectives import time_collectives
+
+    primitives = ("all_reduce", "all_gather", "all_to_all")
+    rows = time_collectives(
+        primitives, FIT_SIZES, budget_s=0.0, label="", progress=False, group=sync.group
+    )
+    flat = NetworkModel.fit(
+        "in-place", [Measurement(r["primitive"], world, r["nbytes"], r["seconds"]) for r in rows]
+    )
+    return Topology.single_node(flat, world)
