@@ -22,6 +22,8 @@ compress_app = typer.Typer(help="Gradient compression: kernels and end-to-end tr
 app.add_typer(compress_app, name="compress")
 mergecomp_app = typer.Typer(help="MergeComp: compression over merged tensor groups.")
 app.add_typer(mergecomp_app, name="mergecomp")
+bytecomp_app = typer.Typer(help="ByteComp (Espresso): a compression strategy per tensor.")
+app.add_typer(bytecomp_app, name="bytecomp")
 console = Console()
 
 
@@ -293,3 +295,70 @@ def mergecomp_bench(
     _run_training(
         model, workers, rate, compressors, iters, ("layerwise", "whole", "mergecomp"), "mergecomp"
     )
+
+
+def _bytecomp_table(payload: dict) -> Table:
+    from thrifty.bench.bytecomp import summary_rows
+
+    table = Table(title=f"ByteComp, {payload['rate']} per node: seconds per iteration (measured)")
+    columns = ("nodes x ranks", "model", "compressor", "DDP fp32", "PowerSGD hook",
+               "best uniform", "MergeComp", "ByteComp", "ByteComp predicted", "zero-cost bound",
+               "decide ms")  # fmt: skip
+    for column in columns:
+        table.add_column(column, justify="right")
+    for r in summary_rows(payload):
+        best_other = min(r["uniform_s"], r["mergecomp_s"])
+        table.add_row(
+            r["topology"], r["model"], r["compressor"], f"{r['ddp_s']:.3f}",
+            f"{r['powersgd_s']:.3f}", f"{r['uniform_s']:.3f}", f"{r['mergecomp_s']:.3f}",
+            f"[bold]{r['bytecomp_s']:.3f}[/bold] ({best_other / r['bytecomp_s']:.2f}x)",
+            f"{r['bytecomp_predicted_s']:.3f} "
+            f"({(r['bytecomp_predicted_s'] - r['bytecomp_s']) / r['bytecomp_s']:+.0%})",
+            f"{r['zero_cost_bound_s']:.3f}", f"{r['decide_ms']:.0f}",
+        )  # fmt: skip
+    return table
+
+
+@bytecomp_app.command("bench")
+def bytecomp_bench(
+    models: Annotated[str, typer.Option(help="Comma-separated: cnn, gpt.")] = "cnn,gpt",
+    topologies: Annotated[
+        str, typer.Option(help="Comma-separated nodes x ranks, e.g. 2x2,1x2.")
+    ] = "2x2,1x2",
+    rate: Annotated[str, typer.Option(help="Emulated rate of each node's NIC.")] = "1gbit",
+    compressors: Annotated[str, typer.Option(help="Comma-separated.")] = "randomk,dgc,efsignsgd",
+    iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
+) -> None:
+    """DDP, PowerSGD hook, best uniform strategy, MergeComp and ByteComp, side by side."""
+    from thrifty.bench.bytecomp import run_bytecomp_benchmark
+
+    shapes = []
+    for item in topologies.split(","):
+        try:
+            nodes, k = (int(x) for x in item.strip().lower().split("x"))
+        except ValueError:
+            raise typer.BadParameter(f"topology {item!r}: expected NODESxRANKS, e.g. 2x2") from None
+        shapes.append((nodes, k))
+    payload = run_bytecomp_benchmark(
+        [m.strip() for m in models.split(",") if m.strip()],
+        shapes,
+        rate,
+        [c.strip() for c in compressors.split(",") if c.strip()],
+        iters=iters,
+    )
+    console.print(_bytecomp_table(payload))
+    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
+
+
+@bytecomp_app.command("decide")
+def bytecomp_decide(
+    model: Annotated[str, typer.Option(help="cnn, gpt or digits.")] = "cnn",
+    compressor: Annotated[str, typer.Option(help="Compressor registry name.")] = "randomk",
+    nodes: Annotated[int, typer.Option(help="Nodes.")] = 2,
+    ranks_per_node: Annotated[int, typer.Option(help="Ranks per node.")] = 2,
+    rate: Annotated[str, typer.Option(help="Inter-node rate (analytic model).")] = "1gbit",
+) -> None:
+    """Profile a model here and print ByteComp's decision for an analytic topology."""
+    from thrifty.demo import bytecomp_decision
+
+    console.print(bytecomp_decision(model, compressor, nodes, ranks_per_node, rate))
