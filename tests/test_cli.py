@@ -32,6 +32,24 @@ def test_demo_prints_the_summary_table() -> None:
     assert result.exit_code == 0, result.output
     assert "thrifty tour" in result.output
     assert "all-reduce" in result.output and "MiB sent/rank" in result.output
+    assert "ByteComp" in result.output
+
+
+def test_bytecomp_decide_prints_a_decision_for_a_real_model() -> None:
+    result = runner.invoke(
+        app, ["bytecomp", "decide", "--model", "digits", "--rate", "10mbit", "--compressor", "dgc"]
+    )
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "digits (8 tensors, dgc) on 2x2 ranks at 10mbit" in text
+    assert "dgc(ratio=0.01)" in text  # at 10 Mbit/s compression pays
+    assert "Predicted" in text and "zero-cost compression bound" in text
+
+
+def test_bad_bytecomp_topology_is_rejected() -> None:
+    result = runner.invoke(app, ["bytecomp", "bench", "--topologies", "2by2"])
+    assert result.exit_code != 0
+    assert "NODESxRANKS" in result.output
 
 
 def test_bad_world_sizes_are_rejected() -> None:
