@@ -1,0 +1,75 @@
+"""Zen: sparse tensor synchronisation (Wang et al., OSDI'25) and the schemes it is compared with.
+
+* :func:`sync_sparse` sums or averages a sparse COO tensor over ranks with one
+  of ``"zen"`` (Balanced Parallelism with hash bitmaps), ``"dense"``,
+  ``"agsparse"``, ``"sparcml"`` (Hierarchical Centralization),
+  ``"omnireduce"`` or ``"auto"`` (BP or HC from the measured densification);
+* :mod:`~thrifty.zen.hierarchical_hashing`: Zen's Algorithm 1, vectorised;
+* :mod:`~thrifty.zen.analytic`: bytes on the wire per scheme (Eq. 1, Eq. 2);
+* :mod:`~thrifty.zen.selection`: BP or HC from gamma.
+"""
+
+from __future__ import annotations
+
+from thrifty.zen.analytic import (
+    SparsityStats,
+    WireVolume,
+    densification_ratios,
+    measure_sparsity,
+    predict_wire_bytes,
+)
+from thrifty.zen.hierarchical_hashing import (
+    HashedPartition,
+    h0_imbalance,
+    hierarchical_hash_partition,
+    imbalance_ratio,
+    partition_by_owner,
+)
+from thrifty.zen.owner_hash import OwnerHash
+from thrifty.zen.schemes import (
+    AllGatherSparse,
+    BalancedParallelism,
+    ContiguousBlockParallelism,
+    DenseAllReduce,
+    HierarchicalCentralization,
+    SparseScheme,
+)
+from thrifty.zen.selection import (
+    AutoScheme,
+    choose_bp_or_hc,
+    choose_bp_or_hc_by_bytes,
+    estimate_sparsity,
+)
+from thrifty.zen.sparse_rows import SparseRows
+from thrifty.zen.sync import SCHEMES, agree_seed, make_scheme, sync_sparse
+from thrifty.zen.validation import SparseSyncError
+
+__all__ = [
+    "SCHEMES",
+    "AllGatherSparse",
+    "AutoScheme",
+    "BalancedParallelism",
+    "ContiguousBlockParallelism",
+    "DenseAllReduce",
+    "HashedPartition",
+    "HierarchicalCentralization",
+    "OwnerHash",
+    "SparseRows",
+    "SparseScheme",
+    "SparseSyncError",
+    "SparsityStats",
+    "WireVolume",
+    "agree_seed",
+    "choose_bp_or_hc",
+    "choose_bp_or_hc_by_bytes",
+    "densification_ratios",
+    "estimate_sparsity",
+    "h0_imbalance",
+    "hierarchical_hash_partition",
+    "imbalance_ratio",
+    "make_scheme",
+    "measure_sparsity",
+    "partition_by_owner",
+    "predict_wire_bytes",
+    "sync_sparse",
+]
