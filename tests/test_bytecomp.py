@@ -214,3 +214,23 @@ def test_clear_errors() -> None:
         decide(prof, RANDOMK, net, bucket_bytes=-1)
     with pytest.raises(ValueError, match="4"):
         decide(prof, RANDOMK, _topology())  # a 2-rank profile on a 4-rank topology
+
+
+def test_incremental_scoring_equals_full_scoring() -> None:
+    """Candidates scored from a unit on (the search's fast path) equal full timelines."""
+    from thrifty.bytecomp.decide import _Scorer
+
+    rng = np.random.default_rng(7)
+    numels = [int(x) for x in rng.choice([64, 50_000, 1_000_000, 6_000_000], size=30)]
+    prof = _profile(numels, list(rng.uniform(0, 0.005, 30)), 4, per_elem=1e-8)
+    topo = _topology()
+    every = options([RANDOMK], topo)
+    scorer = _Scorer(prof, make_units(prof, 0), every, topo)
+    for _ in range(5):
+        current = rng.integers(0, len(every), 30)
+        assert scorer.set_choice(current) == pytest.approx(scorer.time(current), rel=1e-12)
+        for lo in (0, 1, 17, 29):
+            rows = np.repeat(current[None, :], 6, axis=0)
+            rows[:, lo:] = rng.integers(0, len(every), (6, 30 - lo))
+            fast = scorer.times_from(rows[:, lo:], lo)
+            assert fast == pytest.approx(scorer.times(rows), rel=1e-12)

@@ -350,6 +350,28 @@ def bytecomp_bench(
     console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
 
 
+@bytecomp_app.command("bench-selection")
+def bytecomp_bench_selection(
+    layers: Annotated[int, typer.Option(help="GPT blocks (25: 304 tensors).")] = 25,
+    reps: Annotated[int, typer.Option(help="Runs per setting (median kept).")] = 5,
+) -> None:
+    """Time ByteComp's decision for a ~300-tensor model (paper's algorithms, and refined)."""
+    from thrifty.bench.bytecomp import run_selection_benchmark
+
+    payload = run_selection_benchmark(layers=layers, reps=reps)
+    table = Table(title=f"ByteComp decision time, {payload['tensors']} tensors, 2x2 ranks")
+    for column in ("compressor", "algorithm", "units", "decide ms", "predicted s", "fp32 s"):
+        table.add_column(column, justify="right")
+    for r in payload["rows"]:
+        algorithm = ("Alg. 1+2 + refinement" if r["refine"] else "Alg. 1+2") + (
+            ", buckets" if r["buckets"] == "auto" else ", per tensor"
+        )
+        table.add_row(r["compressor"], algorithm, str(r["units"]), f"{r['decide_ms']:.0f}",
+                      f"{r['predicted_s']:.3f}", f"{r['fp32_s']:.3f}")  # fmt: skip
+    console.print(table)
+    console.print(f"wrote {payload['json_path']}")
+
+
 @bytecomp_app.command("decide")
 def bytecomp_decide(
     model: Annotated[str, typer.Option(help="cnn, gpt or digits.")] = "cnn",

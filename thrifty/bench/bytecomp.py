@@ -47,7 +47,7 @@ from thrifty.dist.engine import get_planner
 from thrifty.dist.profile import Profile, profile_model
 from thrifty.dist.timeline import simulate
 
-__all__ = ["TOPOLOGIES", "run_bytecomp_benchmark"]
+__all__ = ["TOPOLOGIES", "run_bytecomp_benchmark", "run_selection_benchmark"]
 
 log = logging.getLogger(__name__)
 
@@ -324,6 +324,57 @@ def plot_bytecomp(payload: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def run_selection_benchmark(
+    layers: int = 25,
+    compressors: Sequence[str] = COMPRESSORS,
+    rate: str = "100mbit",
+    reps: int = 5,
+) -> dict[str, Any]:
+    """How long ByteComp takes to decide for a ~300-tensor model (the paper: 1-179 ms).
+
+    A GPT-style model with ``layers`` blocks (25 blocks: 304 tensors) is profiled
+    here; each compressor is decided on an analytic 2 x 2 topology (slow enough
+    that communication matters, so the decision is not trivially fp32) with the
+    paper's algorithms alone and with the refinement, per tensor and with
+    buckets. Median of ``reps`` runs each; writes results/bytecomp_selection.json.
+    """
+    import torch.nn.functional as F  # noqa: F401  (the GPT computes its own loss)
+
+    from thrifty.bench.models import GPT
+    from thrifty.bench.netem import parse_rate
+    from thrifty.bytecomp import decide
+    from thrifty.dist import NetworkModel
+
+    torch.manual_seed(0)
+    model = GPT(n_layer=layers, n_embd=256, n_head=4, block_size=64)
+    x, y = model.example_batch(2, 64)
+    bases = [Strategy.make(c, **DEFAULT_OPTIONS.get(c, {})) for c in compressors]
+    profile = profile_model(model, lambda: model(x, y)[1], iters=2, warmup=1,
+                            compressors=bases, world_size=4)  # fmt: skip
+    bits = parse_rate(rate)
+    shared = NetworkModel.analytic(rate, bits / 2, latency=5e-4)
+    topology = Topology(2, 2, shared, NetworkModel.analytic("intra", 20 * bits, 2e-4), shared)
+    rows = []
+    for base in bases:
+        for refine in (False, True):
+            for bucket in (0, "auto"):
+                seconds = []
+                for _ in range(reps):
+                    started = time.perf_counter()
+                    d = decide(profile, base, topology, refine=refine, bucket_bytes=bucket)
+                    seconds.append(time.perf_counter() - started)
+                rows.append(
+                    {"compressor": base.compressor, "refine": refine, "buckets": str(bucket),
+                     "tensors": len(profile.tensors), "units": len(d.plan.groups),
+                     "decide_ms": 1000 * statistics.median(seconds),
+                     "predicted_s": d.predicted, "fp32_s": d.baseline,
+                     "evaluations": d.evaluations}
+                )  # fmt: skip
+    payload = {"rate": rate, "layers": layers, "tensors": len(profile.tensors), "rows": rows}
+    payload["json_path"] = str(write_json("bytecomp_selection", payload))
+    return payload
 
 
 def _main(spec: dict[str, Any]) -> Any:

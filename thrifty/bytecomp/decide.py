@@ -173,7 +173,7 @@ class _Scorer:
 
     Candidates that differ from the current choice only from unit ``u`` on are
     scored on units ``u..n-1`` alone, starting from the current choice's
-    timeline state before ``u`` (kept in ``_prefix``, rebuilt on every change).
+    timeline state before ``u`` (kept in ``_pre``, rebuilt on every change).
     """
 
     def __init__(
@@ -197,7 +197,7 @@ class _Scorer:
         self.overhead = profile.forward + profile.step
         self.evaluations = 0
         self.choice = np.zeros(n, dtype=np.int64)
-        self._prefix: list[_Prefix] = []
+        self._pre: tuple[np.ndarray, ...] = ()
         self.comm_end = self.comm_start = np.zeros(0)
         self.current = math.inf
 
@@ -227,7 +227,7 @@ class _Scorer:
         self.choice = choice.copy()
         n = len(choice)
         if n == 0:
-            self._prefix, self.current = [_Prefix()], self.overhead + self.profile.backward
+            self.current = self.overhead + self.profile.backward
             return self.current
         ready, enc, first, post, off = (a[0] for a in self._gather(choice[None, :], 0))
         end, comm_end = _suffix_times(
@@ -245,24 +245,23 @@ class _Scorer:
         cpu = np.maximum.accumulate(np.where(off, off_sum + np.maximum.accumulate(lane), 0.0))
         post_suffix = np.concatenate([np.cumsum(post[::-1])[::-1], [0.0]])
         best = np.maximum.accumulate(comm_end + post_suffix[:-1])
-        self._prefix = [_Prefix()] + [
-            _Prefix(
-                delay=float(delay[u]),
-                launch=float(start[u - 1]),
-                cpu=float(cpu[u - 1]),
-                channel=float(comm_end[u - 1]),
-                tail=float(best[u - 1] - post_suffix[u]),
-                post_before=float(post_suffix[0] - post_suffix[u]),
-            )
-            for u in range(1, n)
-        ]
+        # State before unit u, for u = 0..n-1 (index 0: nothing happened yet).
+        self._pre = (
+            delay[:-1],
+            np.concatenate([[0.0], start[:-1]]),
+            np.concatenate([[0.0], cpu[:-1]]),
+            np.concatenate([[0.0], comm_end[:-1]]),
+            np.concatenate([[-np.inf], best[:-1] - post_suffix[1:-1]]),
+            post_suffix[0] - post_suffix[:-1],
+        )
         self.current = self.overhead + float(end[0])
         return self.current
 
     def times_from(self, rows: np.ndarray, lo: int) -> np.ndarray:
         """Times of candidates equal to the current choice before unit ``lo``: rows (B, n-lo)."""
         self.evaluations += rows.shape[0]
-        end, _ = _suffix_times(*self._gather(rows, lo), self._prefix[lo], self.profile.backward)
+        prefix = _Prefix(*(float(a[lo]) for a in self._pre)) if lo else _Prefix()
+        end, _ = _suffix_times(*self._gather(rows, lo), prefix, self.profile.backward)
         return self.overhead + end
 
     def best_for(self, unit: int, allowed: Sequence[int]) -> tuple[int, float]:
@@ -324,11 +323,11 @@ def _algorithm2(scorer: _Scorer, choice: np.ndarray, end: str, max_candidates: i
     best, best_t = choice, scorer.time(choice)
     counts_iter = itertools.product(*(range(len(g) + 1) for g in members))
     while batch_counts := list(itertools.islice(counts_iter, 1024)):
+        counts = np.array(batch_counts, dtype=np.int64).reshape(len(batch_counts), len(members))
         batch = np.repeat(choice[None, :], len(batch_counts), axis=0)
-        for row, counts in enumerate(batch_counts):
-            for g, c in zip(members, counts, strict=True):
-                for i in g[:c]:
-                    batch[row, i] = twin[int(choice[i])]
+        for g, group in enumerate(members):
+            for position, i in enumerate(group):  # offloaded iff within the first `count`
+                batch[:, i] = np.where(counts[:, g] > position, twin[int(choice[i])], choice[i])
         t = scorer.times(batch)
         k = int(np.argmin(t))
         if t[k] < best_t - 1e-12:
@@ -555,13 +554,10 @@ def decide(
         candidates.append((scorer.time(choice), size, scorer, choice, baseline))
     # Ties go to larger buckets: fewer collectives, and a cheaper refinement.
     candidates.sort(key=lambda c: (c[0], -c[1]))
-    if refine:
-        refined = []
-        for _, size, scorer, choice, baseline in candidates[:2]:
-            choice = _refine(scorer, choice, list(range(len(scorer.opts))), offload_end=offload_end)
-            refined.append((scorer.time(choice), size, scorer, choice, baseline))
-        candidates = sorted(refined, key=lambda c: (c[0], -c[1]))
     predicted, size, scorer, choice, baseline = candidates[0]
+    if refine:
+        choice = _refine(scorer, choice, list(range(len(scorer.opts))), offload_end=offload_end)
+        predicted = scorer.time(choice)
     plan = Plan(
         tuple(
             Group(u.names, scorer.opts[int(j)]) for u, j in zip(scorer.units, choice, strict=True)
