@@ -1,0 +1,261 @@
+"""Replay a trace through each policy and cache size; token hits, FLOPs, modelled TTFT.
+
+The simulator is sequential, as the paper's: requests are taken in arrival
+order and each is matched, then admitted, before the next one; timestamps only
+set how sessions interleave. States are byte counts (no tensors).
+
+TTFT is modelled as linear in the tokens that still need prefill,
+``intercept_ms + per_token_ms * (input - hit)``. The defaults are the paper's
+fit to Jamba-1.5-Mini on an A100 (about 17.8 ms + 0.053 ms per token); an
+engine's own prefill measurements can be fitted with :meth:`TTFTModel.fit`.
+
+:func:`sweep` runs policies x cache sizes, in worker processes when asked
+(fork: the trace is shared, not copied per task).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import multiprocessing
+import time
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from thrifty.marconi.cache import POLICIES, build_cache
+from thrifty.marconi.model import ModelSpec, paper_hybrid_7b
+from thrifty.marconi.traces import Trace
+from thrifty.marconi.tuner import make_tuner
+
+__all__ = ["GB", "SimResult", "TTFTModel", "hit_rate_table", "simulate", "sweep"]
+
+log = logging.getLogger(__name__)
+
+GB = 10**9
+PAPER_SHAREGPT_SIZES_GB = (1, 2, 3, 4, 5, 10)
+
+
+@dataclass(frozen=True)
+class TTFTModel:
+    """TTFT = ``intercept_ms + per_token_ms * uncached_tokens``."""
+
+    intercept_ms: float = 17.8
+    per_token_ms: float = 0.053
+
+    def __call__(self, uncached_tokens: int) -> float:
+        return self.intercept_ms + self.per_token_ms * uncached_tokens
+
+    @classmethod
+    def fit(cls, tokens: Sequence[int], ttft_ms: Sequence[float]) -> TTFTModel:
+        """Least-squares line through measured (prefilled tokens, TTFT) points."""
+        if len(tokens) != len(ttft_ms) or len(tokens) < 2:
+            raise ValueError("need at least two (tokens, ttft_ms) points of equal count")
+        slope, intercept = np.polyfit(np.asarray(tokens, float), np.asarray(ttft_ms, float), 1)
+        return cls(float(intercept), float(slope))
+
+
+@dataclass
+class SimResult:
+    """One policy at one cache size over one trace (JSON-able via :meth:`to_dict`)."""
+
+    policy: str
+    capacity_bytes: int
+    trace: str
+    requests: int
+    input_tokens: int
+    hit_tokens: int
+    token_hit_rate: float
+    flops_saved: float
+    flops_total: float
+    flops_saved_fraction: float
+    ttft_mean_ms: float
+    ttft_p50_ms: float
+    ttft_p95_ms: float
+    leaf_evictions: int
+    checkpoint_evictions: int
+    truncated: int
+    rejected: int
+    final_bytes: int
+    final_nodes: int
+    final_checkpoints: int
+    wall_s: float
+    tuner: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def evictions(self) -> int:
+        return self.leaf_evictions + self.checkpoint_evictions
+
+    @property
+    def capacity_gb(self) -> float:
+        return self.capacity_bytes / GB
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["evictions"] = self.evictions
+        out["capacity_gb"] = self.capacity_gb
+        return out
+
+
+def simulate(
+    trace: Trace,
+    policy: str,
+    capacity_bytes: int,
+    spec: ModelSpec | None = None,
+    *,
+    alpha: float | None = None,
+    tuner: str | None = "window",
+    tuner_options: dict[str, Any] | None = None,
+    ttft: TTFTModel | None = None,
+    block_size: int = 32,
+    truncate_oversized: bool = False,
+    progress: bool = False,
+) -> SimResult:
+    """Replay ``trace`` through one policy at one cache size.
+
+    Args:
+        trace: the requests.
+        policy: ``"marconi"``, ``"sglang+"`` or ``"vllm+"``.
+        capacity_bytes: the cache budget.
+        spec: the model (default: the paper's 7B hybrid).
+        alpha: a fixed alpha for Marconi (disables the tuner).
+        tuner: Marconi's alpha tuner when ``alpha`` is None: ``"window"`` (this
+            project's), ``"paper"`` or ``None`` (alpha 0).
+        tuner_options: keyword arguments for the tuner.
+        ttft: the TTFT model (default: the paper's fit).
+        block_size: vLLM+'s block size.
+        truncate_oversized: see :class:`~thrifty.marconi.cache.PrefixCache`.
+        progress: show a progress bar over requests.
+    """
+    spec = spec or paper_hybrid_7b()
+    ttft = ttft or TTFTModel()
+    the_tuner = None
+    if policy == "marconi" and alpha is None:
+        the_tuner = make_tuner(tuner, **(tuner_options or {}))
+    cache = build_cache(
+        policy,
+        capacity_bytes,
+        spec,
+        alpha=alpha or 0.0,
+        tuner=the_tuner,
+        block_size=block_size,
+        truncate_oversized=truncate_oversized,
+    )
+    started = time.perf_counter()
+    ttfts = np.empty(len(trace))
+    requests = tqdm(
+        trace.requests, desc=f"{policy} {capacity_bytes / GB:g} GB", disable=not progress
+    )
+    for i, request in enumerate(requests):
+        outcome = cache.serve(request.input_tokens, request.output_tokens)
+        ttfts[i] = ttft(outcome.input_tokens - outcome.hit_tokens)
+    stats = cache.stats
+    return SimResult(
+        policy=policy,
+        capacity_bytes=int(capacity_bytes),
+        trace=trace.name,
+        requests=stats.requests,
+        input_tokens=stats.input_tokens,
+        hit_tokens=stats.hit_tokens,
+        token_hit_rate=stats.hit_tokens / stats.input_tokens if stats.input_tokens else 0.0,
+        flops_saved=stats.flops_saved,
+        flops_total=stats.flops_total,
+        flops_saved_fraction=stats.flops_saved / stats.flops_total if stats.flops_total else 0.0,
+        ttft_mean_ms=float(ttfts.mean()) if len(ttfts) else math.nan,
+        ttft_p50_ms=float(np.percentile(ttfts, 50)) if len(ttfts) else math.nan,
+        ttft_p95_ms=float(np.percentile(ttfts, 95)) if len(ttfts) else math.nan,
+        leaf_evictions=stats.leaf_evictions,
+        checkpoint_evictions=stats.checkpoint_evictions,
+        truncated=stats.truncated,
+        rejected=stats.rejected,
+        final_bytes=cache.tree.nbytes,
+        final_nodes=cache.tree.num_nodes,
+        final_checkpoints=cache.tree.num_checkpoints,
+        wall_s=time.perf_counter() - started,
+        tuner=(the_tuner.report() if the_tuner is not None else {"alpha": alpha or 0.0}),
+    )
+
+
+_SHARED: dict[str, Any] = {}
+
+
+def _run_one(job: tuple[str, int, dict[str, Any]]) -> SimResult:
+    policy, capacity, kwargs = job
+    return simulate(_SHARED["trace"], policy, capacity, _SHARED["spec"], **kwargs)
+
+
+def sweep(
+    trace: Trace,
+    policies: Sequence[str] = POLICIES,
+    capacities_gb: Sequence[float] = PAPER_SHAREGPT_SIZES_GB,
+    spec: ModelSpec | None = None,
+    *,
+    workers: int = 1,
+    progress: bool = True,
+    **kwargs: Any,
+) -> list[SimResult]:
+    """:func:`simulate` for every policy x cache size (``kwargs`` pass through).
+
+    Results come back in (policy, size) order. ``workers > 1`` forks that many
+    processes (Linux; other platforms run serially).
+    """
+    for policy in policies:
+        if policy not in POLICIES:
+            raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    spec = spec or paper_hybrid_7b()
+    jobs = [(p, round(gb * GB), kwargs) for p in policies for gb in capacities_gb]
+    # Longest jobs first (Marconi replays its windows) so the workers finish together.
+    order = sorted(range(len(jobs)), key=lambda i: (jobs[i][0] != "marconi", -jobs[i][1]))
+    results: list[SimResult | None] = [None] * len(jobs)
+    bar = tqdm(total=len(jobs), desc="sweep", disable=not progress)
+    can_fork = "fork" in multiprocessing.get_all_start_methods()
+    if workers > 1 and can_fork and len(jobs) > 1:
+        _SHARED.update(trace=trace, spec=spec)
+        try:
+            context = multiprocessing.get_context("fork")
+            with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+                futures = {pool.submit(_run_one, jobs[i]): i for i in order}
+                for future in as_completed(futures):
+                    results[futures[future]] = future.result()
+                    bar.update()
+        finally:
+            _SHARED.clear()
+    else:
+        for i in order:
+            policy, capacity, kw = jobs[i]
+            results[i] = simulate(trace, policy, capacity, spec, **kw)
+            bar.update()
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+def hit_rate_table(results: Sequence[SimResult]) -> dict[str, Any]:
+    """Hit rate per policy and size, and Marconi's ratios to the baselines.
+
+    ``mean_ratio_vs_vllm`` is the mean over sizes of Marconi/vLLM+ (how the
+    artifact averages), ``min_ratio_vs_sglang`` the worst size against SGLang+.
+    """
+    by = {(r.policy, r.capacity_bytes): r for r in results}
+    sizes = sorted({r.capacity_bytes for r in results})
+    rows = []
+    for size in sizes:
+        row: dict[str, Any] = {"capacity_gb": size / GB}
+        for policy in POLICIES:
+            if (policy, size) in by:
+                row[policy] = by[(policy, size)].token_hit_rate
+        rows.append(row)
+    summary: dict[str, Any] = {"rows": rows}
+    for base, key in (("vllm+", "vs_vllm"), ("sglang+", "vs_sglang")):
+        ratios = [
+            row["marconi"] / row[base]
+            for row in rows
+            if "marconi" in row and base in row and row[base] > 0
+        ]
+        if ratios:
+            summary[f"mean_ratio_{key}"] = float(np.mean(ratios))
+            summary[f"min_ratio_{key}"] = float(min(ratios))
+    return summary
