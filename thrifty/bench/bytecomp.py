@@ -63,20 +63,24 @@ def _decide_all(
     profile: Profile, topology: Topology, compressors: Sequence[str]
 ) -> list[dict[str, Any]]:
     """Rank 0: the thrifty configurations with their plans and predictions."""
-    from thrifty.bytecomp import decide, make_units, options, zero_cost_profile
+    from thrifty.bytecomp import Constraints, decide, make_units, options, zero_cost_profile
+    from thrifty.bytecomp.online import spare_cores
 
+    # Every emulated node's ranks run on this one machine.
+    constraints = Constraints(offload=spare_cores(topology.world_size))
     configs = []
     for name in compressors:
         base = Strategy.make(name, **DEFAULT_OPTIONS.get(name, {}))
         started = time.perf_counter()
-        decision = decide(profile, base, topology)
+        decision = decide(profile, base, topology, constraints=constraints)
         seconds = time.perf_counter() - started
-        bound = decide(zero_cost_profile(profile), base, topology).predicted
+        bound = decide(zero_cost_profile(profile), base, topology, constraints=constraints)
+        bound_s = bound.predicted
         # Best uniform: one option for every unit (layer-wise, or ByteComp's units).
         layouts = [make_units(profile, 0), make_units(profile, decision.bucket_bytes)]
         uniform: tuple[float, Plan] | None = None
         for units in layouts:
-            for option in options([base], topology):
+            for option in options([base], topology, constraints):
                 if option.compressor is None:
                     continue
                 plan = Plan(tuple(Group(u.names, option) for u in units))
@@ -84,7 +88,8 @@ def _decide_all(
                 if uniform is None or t < uniform[0]:
                     uniform = (t, plan)
         assert uniform is not None
-        common = {"kind": "thrifty", "compressor": name, "zero_cost_bound_s": bound}
+        common = {"kind": "thrifty", "compressor": name, "zero_cost_bound_s": bound_s,
+                  "offload_allowed": constraints.offload}  # fmt: skip
         configs.append(
             {**common, "label": f"{name} uniform", "scheme": "uniform",
              "plan": uniform[1].to_dict(), "predicted_s": uniform[0],

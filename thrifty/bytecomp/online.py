@@ -29,7 +29,7 @@ from thrifty.dist import GradientSync, NetworkModel, Plan, Strategy, Topology
 from thrifty.dist.network import Measurement
 from thrifty.dist.profile import Profile, TensorProfile, measure_compression
 
-__all__ = ["ByteComp", "ByteCompTuner", "fit_topology"]
+__all__ = ["ByteComp", "ByteCompTuner", "fit_topology", "spare_cores"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,9 @@ class ByteComp:
         profile: a profile of this model (:func:`thrifty.dist.profile.profile_model`);
             None measures one during the first ``warmup`` iterations.
         warmup: iterations with the uncompressed whole-model plan before deciding.
-        constraints, bucket_bytes, offload_end: passed to :func:`decide`.
+        constraints: passed to :func:`decide`; None allows CPU offload only when
+            this machine has a spare core for every rank on it (:func:`spare_cores`).
+        bucket_bytes, offload_end: passed to :func:`decide`.
     """
 
     topology: Topology | None = None
@@ -61,12 +63,15 @@ class ByteComp:
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {self.warmup}")
 
-    def decide(self, profile: Profile, strategy: Strategy, topology: Topology) -> Decision:
+    def decide(
+        self, profile: Profile, strategy: Strategy, topology: Topology, ranks_here: int = 1
+    ) -> Decision:
+        constraints = self.constraints or Constraints(offload=spare_cores(ranks_here))
         decision = decide(
             profile,
             strategy,
             topology,
-            constraints=self.constraints,
+            constraints=constraints,
             bucket_bytes=self.bucket_bytes,
             offload_end=self.offload_end,
         )
@@ -80,7 +85,7 @@ class ByteComp:
                 "e.g. GradientSync(model, compressor='randomk', plan='bytecomp', ratio=0.01)"
             )
         if self.profile is not None and self.topology is not None:
-            return self.decide(self.profile, strategy, self.topology).plan
+            return self.decide(self.profile, strategy, self.topology, sync.ranks_per_node).plan
         tuner = ByteCompTuner(sync, strategy, self)
         self.tuners.append(tuner)
         sync.iteration_callbacks.append(tuner)
@@ -109,7 +114,9 @@ class ByteCompTuner:
         topology = self.config.topology or fit_topology(sync)
         plan_dict = [None]
         if sync.rank == 0:
-            decision = self.config.decide(self._profile(), self.strategy, topology)
+            decision = self.config.decide(
+                self._profile(), self.strategy, topology, sync.ranks_per_node
+            )
             self.decision = decision
             plan_dict = [decision.plan.to_dict()]
         dist.broadcast_object_list(plan_dict, src=_global(sync, 0), group=sync.group)
@@ -142,6 +149,20 @@ class ByteCompTuner:
             bases += [Strategy.make(name) for name in self.config.constraints.extra]
         costs = {b.cost_key(): measure_compression(b, max_numel=total) for b in bases}
         return Profile(tensors, 0.0, backward, 0.0, self.sync.world_size, costs)
+
+
+def spare_cores(ranks_here: int) -> bool:
+    """Whether this machine has a core to spare for each of its ``ranks_here`` ranks.
+
+    The timeline runs offloaded (de)compression on a CPU lane in parallel with
+    backward. That holds on a GPU machine (backward runs on the GPU) or with
+    idle cores; with every core already running a rank's backward (e.g. 4 ranks
+    on 2 cores) the lane does not exist, and offloading only moves the work.
+    """
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return (cores or 1) >= 2 * max(ranks_here, 1)
 
 
 def _global(sync: GradientSync, rank: int) -> int:
