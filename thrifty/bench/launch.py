@@ -39,7 +39,7 @@ import socket
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +169,7 @@ def run_ranks(
     threads_per_rank: int = 1,
     env: Mapping[str, str] | None = None,
     start_method: str = "forkserver",
+    may_die: Collection[int] = (),
     **kwargs: Any,
 ) -> list[Any]:
     """Call ``fn(*args, **kwargs)`` on ``world_size`` ranks and return their results by rank.
@@ -183,6 +184,9 @@ def run_ranks(
             that N ranks on a few cores do not oversubscribe them.
         env: extra environment for the ranks. ``GLOO_SOCKET_IFNAME`` defaults to
             ``lo`` so that gloo only ever talks over loopback.
+        may_die: ranks expected to die by a signal (fault-tolerance tests kill
+            them on purpose); such a death is not a failure and the rank's
+            result is ``None``. The others keep running.
 
     Raises:
         RankFailure: a rank raised; the message holds its traceback.
@@ -222,7 +226,7 @@ def run_ranks(
             )
             proc.start()
             procs.append(proc)
-        return _collect(procs, results, timeout, stack_files)
+        return _collect(procs, results, timeout, stack_files, frozenset(may_die))
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -234,7 +238,13 @@ def run_ranks(
         stack_dir.cleanup()
 
 
-def _collect(procs: list[Any], results: Any, timeout: float, stack_files: list[str]) -> list[Any]:
+def _collect(
+    procs: list[Any],
+    results: Any,
+    timeout: float,
+    stack_files: list[str],
+    may_die: frozenset[int] = frozenset(),
+) -> list[Any]:
     world_size = len(procs)
     values: dict[int, Any] = {}
     errors: dict[int, tuple[str, str]] = {}
@@ -250,7 +260,7 @@ def _collect(procs: list[Any], results: Any, timeout: float, stack_files: list[s
         try:
             rank, status, blob = results.get(timeout=0.05)
         except queue.Empty:
-            _note_silent_deaths(procs, values, errors)
+            _note_silent_deaths(procs, values, errors, may_die)
         else:
             if status == "ok":
                 values[rank] = pickle.loads(blob)
@@ -272,13 +282,19 @@ def _collect(procs: list[Any], results: Any, timeout: float, stack_files: list[s
 
 
 def _note_silent_deaths(
-    procs: list[Any], values: dict[int, Any], errors: dict[int, tuple[str, str]]
+    procs: list[Any],
+    values: dict[int, Any],
+    errors: dict[int, tuple[str, str]],
+    may_die: frozenset[int] = frozenset(),
 ) -> None:
     """A rank killed by a signal (or os._exit) never reports; record it as a failure."""
     for rank, proc in enumerate(procs):
         if rank in values or rank in errors or proc.is_alive():
             continue
         proc.join(timeout=0.5)  # its message may still be in flight
+        if rank in may_die and proc.exitcode is not None and proc.exitcode < 0:
+            values[rank] = None  # killed on purpose
+            continue
         if proc.exitcode not in (0, None):
             reason = f"process exited with code {proc.exitcode}"
             if proc.exitcode < 0:

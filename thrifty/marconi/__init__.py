@@ -11,7 +11,10 @@ engine (real tensors) share the same tree and policies.
 Modules: ``states`` (state protocols), ``model`` (FLOP/byte model from HF
 configs), ``tree`` (radix tree), ``policies`` (admission, eviction),
 ``cache`` (PrefixCache), ``tuner`` (online alpha), ``traces``/``sharegpt``
-(trace formats), ``simulate`` (replay and sweeps).
+(trace formats), ``simulate`` (replay and sweeps), ``engine`` (a real serving
+loop over a transformers hybrid: tensor states, restore, prefill, decode;
+imports torch, so it is not imported here) and ``benchmark`` (the sweep and
+the engine's TTFT measurement, as ``thrifty marconi simulate|serve-trace``).
 """
 
 from __future__ import annotations

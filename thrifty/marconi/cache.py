@@ -244,6 +244,21 @@ class PrefixCache:
         match = self.lookup(input_tokens)
         positions = self.checkpoint_positions(match, n_in, n_out)
         admitted = self.admit(input_tokens + output_tokens, positions)
+        return self.record(input_tokens, output_tokens, match, admitted)
+
+    def record(
+        self,
+        input_tokens: list[int],
+        output_tokens: list[int],
+        match: MatchResult,
+        admitted: AdmitResult,
+    ) -> RequestOutcome:
+        """Count a served request in :attr:`stats` and hand it to the tuner.
+
+        :meth:`serve` calls it; an engine that calls :meth:`lookup` and
+        :meth:`admit` itself calls it after :meth:`admit`.
+        """
+        n_in, n_out = len(input_tokens), len(output_tokens)
         hit = min(match.hit_length, n_in)
         outcome = RequestOutcome(
             input_tokens=n_in,
