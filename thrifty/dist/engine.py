@@ -38,6 +38,25 @@ work happens, as :mod:`thrifty.dist.timeline` models it:
   delays backward as the timeline assumes. One node
   (``k`` = world) or one rank per node is allowed: a step over one rank is a copy.
 
+Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``):
+
+* with ``sparse_scheme`` set (``"zen"``, ``"agsparse"``, ``"sparcml"``,
+  ``"omnireduce"``, ``"dense"`` or ``"auto"``, see :mod:`thrifty.zen`), a plan
+  group whose parameters are *all* weights of such modules (a layer-wise plan
+  gives each its own group) skips flattening and its strategy: at the end of
+  backward, in plan order with the other groups' second phases, each of its
+  gradients is averaged by :func:`thrifty.zen.sync_sparse` with that scheme
+  and written back as a coalesced sparse ``.grad``, so ``SparseAdam`` and
+  ``SGD`` work on it. Which groups are sparse is decided once, from the
+  modules, so every rank takes the same path even when a rank's embedding got
+  no gradient (it then sends an empty tensor). Syncing at the end loses no
+  overlap for a language model: its input embedding is the last gradient
+  backward produces. A weight whose gradient is dense anyway (tied to a dense
+  output layer) is sent as sparse rows, still exactly;
+* otherwise (no ``sparse_scheme``, or a group that mixes sparse and dense
+  parameters) sparse gradients are densified and go through the group's
+  strategy like any other; ``.grad`` is then dense.
+
 Example::
 
     model = Net()
@@ -128,6 +147,7 @@ class _GroupState:
     ready: set[int] = field(default_factory=set)
     finish: Finish | None = None
     launched: concurrent.futures.Future[Finish] | None = None  # its launch on the launcher
+    sparse: bool = False  # synced by the sparse scheme at the end of backward
 
 
 class GradientSync:
@@ -153,6 +173,10 @@ class GradientSync:
             at construction, as DDP does, so the replicas start equal.
         check_plan: all-gather the plan's fingerprint and refuse to start when
             ranks disagree (a mismatched plan would hang or corrupt collectives).
+        sparse_scheme: how groups of sparse-gradient parameters are synchronised
+            (see the module docstring): a :data:`thrifty.zen.SCHEMES` name, a
+            callable returning a fresh scheme object (one per parameter), or
+            None to densify sparse gradients.
         **compressor_options: keyword arguments of the compressor (e.g. ``ratio``).
     """
 
@@ -168,6 +192,7 @@ class GradientSync:
         ranks_per_node: int | None = None,
         broadcast_parameters: bool = True,
         check_plan: bool = True,
+        sparse_scheme: str | Callable[[], Any] | None = None,
         **compressor_options: Any,
     ) -> None:
         if not dist.is_initialized():
@@ -197,6 +222,11 @@ class GradientSync:
         self.backward_order = [n for n, _ in reversed(named)]
         self._params = dict(named)
         self.strategy = Strategy.make(compressor, collective, memory, **compressor_options)
+        self.sparse_scheme = sparse_scheme
+        self._sparse_names = _sparse_parameter_names(model, self._params)
+        self._sparse_schemes: dict[str, Any] = {}  # per parameter: schemes may keep state
+        if sparse_scheme is not None:
+            self._sparse_schemes = {n: self._make_sparse_scheme() for n in self._sparse_names}
         # Called with this engine after every synchronised backward (planners
         # that tune online hook in here); ``iterations`` counts those backwards.
         self.iteration_callbacks: list[Callable[[GradientSync], None]] = []
@@ -286,10 +316,24 @@ class GradientSync:
             _Link(nodes.cross, nodes.nodes, nodes.node),
         )
 
+    def _make_sparse_scheme(self) -> Any:
+        if callable(self.sparse_scheme):
+            return self.sparse_scheme()
+        from thrifty.zen import make_scheme  # lazily: a substrate never imports a system
+
+        return make_scheme(str(self.sparse_scheme))  # ValueError names the known schemes
+
     def _build_groups(self, plan: Plan) -> list[_GroupState]:
         groups = []
         for i, g in enumerate(plan.groups):
             params = [self._params[n] for n in g.names]
+            sparse = [n in self._sparse_names for n in g.names]
+            if self.sparse_scheme is not None and any(sparse) and not all(sparse):
+                log.warning(
+                    "group %d mixes sparse-gradient parameters %s with dense ones: their "
+                    "gradients are densified; give them a group of their own to use %s",
+                    i, [n for n, s in zip(g.names, sparse, strict=True) if s], self.sparse_scheme,
+                )  # fmt: skip
             groups.append(
                 _GroupState(
                     index=i,
@@ -301,6 +345,7 @@ class GradientSync:
                     if g.strategy.collective == "all_to_all"
                     else None,
                     numel=sum(p.numel() for p in params),
+                    sparse=self.sparse_scheme is not None and bool(sparse) and all(sparse),
                 )
             )
         return groups
@@ -402,6 +447,9 @@ class GradientSync:
                 if state.launched is not None:
                     state.finish = state.launched.result()  # re-raises the launcher's error
             for state in self._groups:
+                if state.sparse:
+                    self._sync_sparse_group(state)
+                    continue
                 assert state.finish is not None
                 averaged = state.finish()
                 self._write_grads(state, averaged)
@@ -423,18 +471,40 @@ class GradientSync:
         self._launcher_failed = False
 
     def _flatten(self, state: _GroupState) -> Tensor:
-        parts = [
-            p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
-            for p in state.params
-        ]
+        parts = []
+        for p in state.params:
+            if p.grad is None:
+                parts.append(torch.zeros(p.numel(), dtype=p.dtype))
+            elif p.grad.is_sparse:  # a sparse gradient in a dense group: densified
+                parts.append(p.grad.to_dense().reshape(-1))
+            else:
+                parts.append(p.grad.reshape(-1))
         return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
+
+    def _sync_sparse_group(self, state: _GroupState) -> None:
+        """Average each sparse gradient of the group with its scheme; write a sparse ``.grad``."""
+        from thrifty.zen import sync_sparse  # lazily: a substrate never imports a system
+
+        for name, p in zip(state.group.names, state.params, strict=True):
+            grad = p.grad
+            if grad is None:  # unused on this rank: the others still expect its part
+                grad = torch.sparse_coo_tensor(
+                    torch.zeros(1, 0, dtype=torch.int64),
+                    torch.zeros(0, *p.shape[1:], dtype=p.dtype),
+                    p.shape,
+                )
+            elif not grad.is_sparse:  # e.g. tied to a dense layer: rows of the dense gradient
+                grad = grad.to_sparse(sparse_dim=1)
+            with self._counting():
+                synced = sync_sparse(grad, self._sparse_schemes[name], self.group, average=True)
+            p.grad = synced if p.grad is None or p.grad.is_sparse else synced.to_dense()
 
     def _write_grads(self, state: _GroupState, averaged: Tensor) -> None:
         offset = 0
         for p in state.params:
             n = p.numel()
             value = averaged[offset : offset + n].view_as(p).to(p.dtype)
-            if p.grad is None:
+            if p.grad is None or p.grad.is_sparse:
                 p.grad = value.clone()
             else:
                 p.grad.copy_(value)
@@ -444,6 +514,8 @@ class GradientSync:
 
     def _launch(self, state: _GroupState) -> None:
         """Prepare and launch one group, here or on the launcher (see the module docstring)."""
+        if state.sparse:  # synced at the end of backward, in plan order
+            return
         flat = self._flatten(state)
         if self._launcher is None:
             with self._counting():
@@ -694,6 +766,16 @@ class GradientSync:
             return finish
 
         return launch
+
+
+def _sparse_parameter_names(model: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:
+    """Names (as in ``params``) of the weights of embeddings built with ``sparse=True``."""
+    sparse_ids = {
+        id(m.weight)
+        for m in model.modules()
+        if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
+    }
+    return {name for name, p in params.items() if id(p) in sparse_ids}
 
 
 def _padded(flat: Tensor, numel: int) -> Tensor:

@@ -3,10 +3,18 @@
 * :func:`sync_sparse` sums or averages a sparse COO tensor over ranks with one
   of ``"zen"`` (Balanced Parallelism with hash bitmaps), ``"dense"``,
   ``"agsparse"``, ``"sparcml"`` (Hierarchical Centralization),
-  ``"omnireduce"`` or ``"auto"`` (BP or HC from the measured densification);
+  ``"omnireduce"`` or ``"auto"`` (BP or HC from the measured densification;
+  ``AutoScheme(criterion="time")`` instead keeps the fastest of BP, HC,
+  AGsparse and dense, timed on the first calls);
 * :mod:`~thrifty.zen.hierarchical_hashing`: Zen's Algorithm 1, vectorised;
 * :mod:`~thrifty.zen.analytic`: bytes on the wire per scheme (Eq. 1, Eq. 2);
-* :mod:`~thrifty.zen.selection`: BP or HC from gamma.
+* :mod:`~thrifty.zen.selection`: BP or HC from gamma (or by measured time);
+* :mod:`~thrifty.zen.workloads` and :mod:`~thrifty.zen.analysis`: real sparse
+  gradients (LSTM LM on ShareGPT, DeepFM on Zipf features, DGC on a GPT) and
+  their density, overlap, densification and skew (``thrifty zen analyze``).
+
+``GradientSync(model, sparse_scheme="zen")`` (:mod:`thrifty.dist.engine`)
+sends ``nn.Embedding(sparse=True)`` gradients through a scheme during training.
 """
 
 from __future__ import annotations

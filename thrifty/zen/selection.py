@@ -17,7 +17,14 @@ smaller, and HC switches to dense. ``criterion="bytes"`` compares the full
 byte model (:func:`thrifty.zen.analytic.predict_wire_bytes`) instead, which
 sees both.
 
-:class:`AutoScheme` measures gamma without sending the tensors: every rank
+``criterion="time"`` measures instead of predicting: the first calls try each
+candidate in turn (by default BP, HC, AGsparse and dense), and the scheme whose
+slowest rank was fastest is kept. It sees what the byte model cannot: the
+(de)compression work of each scheme on the machine at hand (on CPUs sharing
+cores, AGsparse's single all-gather often beats BP's two phases at equal bytes).
+
+With the ``paper`` and ``bytes`` criteria :class:`AutoScheme` measures gamma
+without sending the tensors: every rank
 keeps the indices whose (shared-seed) hash falls in a ``1/S`` slice of the hash
 range, the same slice on every rank, and all-gathers just those (about
 ``samples_per_rank`` indices each). Unions of samples estimate unions of sets.
@@ -25,7 +32,8 @@ range, the same slice on every rank, and all-gathers just those (about
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
@@ -41,8 +49,11 @@ from thrifty.zen.analytic import (
     predict_wire_bytes,
 )
 from thrifty.zen.owner_hash import DEFAULT_SEED, keyed_hash32
+from thrifty.zen.schemes.agsparse import AllGatherSparse
 from thrifty.zen.schemes.balanced_parallelism import BalancedParallelism
 from thrifty.zen.schemes.base import Reduced, SparseScheme, group_rank_and_size
+from thrifty.zen.schemes.block_parallelism import ContiguousBlockParallelism
+from thrifty.zen.schemes.dense_allreduce import DenseAllReduce
 from thrifty.zen.schemes.hierarchical_centralization import HierarchicalCentralization
 from thrifty.zen.sparse_rows import SparseRows, wire_index_dtype
 
@@ -54,9 +65,15 @@ __all__ = [
     "estimate_sparsity",
 ]
 
-Criterion = Literal["paper", "bytes"]
+Criterion = Literal["paper", "bytes", "time"]
+_CRITERIA: tuple[Criterion, ...] = ("paper", "bytes", "time")
 _BP = BalancedParallelism.name
 _HC = HierarchicalCentralization.name
+TIMED_CANDIDATES = (_BP, _HC, AllGatherSparse.name, DenseAllReduce.name)
+"""What ``criterion="time"`` tries by default (OmniReduce-like only on request)."""
+_OTHERS: dict[str, type[SparseScheme]] = {
+    cls.name: cls for cls in (AllGatherSparse, DenseAllReduce, ContiguousBlockParallelism)
+}
 
 
 def choose_bp_or_hc(gammas: Mapping[int, float], n: int) -> str:
@@ -115,9 +132,14 @@ class AutoScheme(SparseScheme):
     decides from the same gathered samples, so all ranks choose alike.
 
     Args:
-        profile_steps: calls that measure gamma before the choice is fixed.
+        profile_steps: calls that measure gamma before the choice is fixed; with
+            ``criterion="time"``, rounds in which every candidate runs once
+            (each candidate's best round counts).
         samples_per_rank: about how many indices per rank each measurement gathers.
-        criterion: ``"paper"`` (Eq. 1 vs Eq. 2) or ``"bytes"`` (the full byte model).
+        criterion: ``"paper"`` (Eq. 1 vs Eq. 2), ``"bytes"`` (the full byte
+            model) or ``"time"`` (measured, see the module docstring).
+        candidates: scheme names ``criterion="time"`` tries, in order (default
+            :data:`TIMED_CANDIDATES`).
     """
 
     name: ClassVar[str] = "auto"
@@ -130,24 +152,34 @@ class AutoScheme(SparseScheme):
         criterion: Criterion = "paper",
         zen: BalancedParallelism | None = None,
         sparcml: HierarchicalCentralization | None = None,
+        candidates: Sequence[str] | None = None,
     ) -> None:
         if profile_steps < 1:
             raise ValueError(f"profile_steps must be >= 1, got {profile_steps}")
-        if criterion not in ("paper", "bytes"):
-            raise ValueError(f"criterion must be 'paper' or 'bytes', got {criterion!r}")
+        if criterion not in _CRITERIA:
+            raise ValueError(f"criterion must be one of {_CRITERIA}, got {criterion!r}")
+        names = list(candidates or TIMED_CANDIDATES) if criterion == "time" else [_BP, _HC]
+        known = (_BP, _HC, *_OTHERS)
+        unknown = [c for c in names if c not in known]
+        if unknown or not names or len(set(names)) < len(names):
+            raise ValueError(f"candidates must be distinct names of {known}, got {names}")
         self.profile_steps = profile_steps
         self.samples_per_rank = samples_per_rank
         self.criterion: Criterion = criterion
-        self.candidates: dict[str, SparseScheme] = {
-            _BP: zen or BalancedParallelism(),
-            _HC: sparcml or HierarchicalCentralization(),
-        }
+        self.candidates: dict[str, SparseScheme] = {_BP: zen or BalancedParallelism()}
+        for name in names:
+            if name == _HC:
+                self.candidates[name] = sparcml or HierarchicalCentralization()
+            elif name != _BP:
+                self.candidates[name] = _OTHERS[name]()
+        self.order = names
         self.profile: list[SparsityStats] = []
+        self.timings: list[tuple[str, float]] = []  # (candidate, slowest rank's seconds)
         self.chosen: str | None = None
 
     def key(self) -> tuple[int, int, int]:
         _, seed, pull_format = self.candidates[_BP].key()
-        return (self.code, seed, pull_format * 2 + (self.criterion == "bytes"))
+        return (self.code, seed, pull_format * 4 + _CRITERIA.index(self.criterion))
 
     def mean_stats(self) -> SparsityStats:
         """The profile so far, averaged over calls."""
@@ -167,8 +199,23 @@ class AutoScheme(SparseScheme):
     def reduce(self, rows: SparseRows, group: dist.ProcessGroup | None = None) -> Reduced:
         if self.chosen is not None:
             return self.candidates[self.chosen].reduce(rows, group)
+        if self.criterion == "time":
+            return self._timed_reduce(rows, group)
         self.profile.append(estimate_sparsity(rows, group, self.samples_per_rank))
         choice = self._choose(rows)
         if len(self.profile) >= self.profile_steps:
             self.chosen = choice
         return self.candidates[choice].reduce(rows, group)
+
+    def _timed_reduce(self, rows: SparseRows, group: dist.ProcessGroup | None) -> Reduced:
+        """Run the next candidate; after the last round keep the fastest (same on every rank)."""
+        name = self.order[len(self.timings) % len(self.order)]
+        start = time.perf_counter()
+        result = self.candidates[name].reduce(rows, group)
+        elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+        C.all_reduce(elapsed, dist.ReduceOp.MAX, group)  # every rank sees the slowest rank
+        self.timings.append((name, float(elapsed)))
+        if len(self.timings) >= self.profile_steps * len(self.order):
+            best = {n: min(t for m, t in self.timings if m == n) for n in self.order}
+            self.chosen = min(self.order, key=best.__getitem__)
+        return result

@@ -1,0 +1,476 @@
+"""Zen benchmark: five sparse schemes on emulated nodes with their own rate-limited NIC.
+
+For every rate and node count ``n`` one torchrun job runs inside an
+:func:`~thrifty.bench.cluster.emulated_cluster` with one rank per node (a
+shared loopback limit would hide imbalance, which is what Zen is about). The
+driver prepares, once, every worker's non-zero rows for each source and
+density (:func:`thrifty.zen.workloads.index_sets_at_density`: the LSTM's and
+DeepFM's embedding gradients, the GPT's DGC selection, and uniformly random
+rows as the adversarial case) and the analytic byte predictions. Each rank
+then, per (source, density):
+
+1. builds its sparse tensor (its real rows, random values) and the reference,
+   a plain ``dist.all_reduce`` of the densified tensors;
+2. per scheme (``dense``, ``agsparse``, ``sparcml``, ``omnireduce``, ``zen``
+   and ``auto``, Zen's selection by measured time among BP, HC, AGsparse and
+   dense, :class:`~thrifty.zen.AutoScheme`): one warm-up call whose result is
+   compared with the reference (max abs error); then ``reps`` rounds in
+   which every scheme makes one timed call (barrier, call, slowest rank's
+   time) in turn, bytes counted by the ledger. Taking turns spreads the
+   machine's load spikes (other jobs share the cores) over all schemes.
+
+Then it trains the LSTM language model (full cl100k embedding, sparse) for a
+few iterations with GradientSync and the embedding synchronised by a densified
+all-reduce, AGsparse and Zen: iteration time, tokens per second, bytes.
+
+The driver writes ``results/zen_bench.json`` and ``results/zen_bench.png``
+with the ratios the issue's goals are about (:func:`goal_checks`).
+Run with ``thrifty zen bench`` (root) or ``python benchmarks/zen.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from thrifty.bench import cluster as cl
+from thrifty.bench.results import results_dir, write_json
+
+__all__ = [
+    "DENSITIES",
+    "NODES",
+    "RATES",
+    "SCHEMES",
+    "SOURCES",
+    "goal_checks",
+    "prepare_inputs",
+    "run_zen_benchmark",
+    "summary_rows",
+]
+
+log = logging.getLogger(__name__)
+
+MODULE = "thrifty.bench.zen"
+NODES = (2, 4, 8)
+RATES = ("1gbit", "10gbit")
+DENSITIES = (0.001, 0.01, 0.05)
+SOURCES = ("lstm", "deepfm", "gpt_dgc", "uniform")
+SCHEMES = ("dense", "agsparse", "sparcml", "omnireduce", "zen", "auto")
+BASELINES = ("dense", "agsparse", "sparcml", "omnireduce")
+TRAIN_CONFIGS = {"dense": None, "agsparse": "agsparse", "zen": "zen"}
+TRAIN_BATCH, TRAIN_SEQ = 16, 32
+
+
+# --------------------------------------------------------------------------- driver side
+
+
+def prepare_inputs(
+    sources: Sequence[str],
+    densities: Sequence[float],
+    nodes: Sequence[int],
+    train_iters: int,
+    path: Path,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every worker's rows per (source, density), predictions per ``n``, and LSTM batches.
+
+    Saved to ``path`` for the ranks; returns the predictions and sparsity
+    statistics (JSON-able) for the report.
+    """
+    from thrifty.zen import measure_sparsity, predict_wire_bytes
+    from thrifty.zen.analytic import SCHEME_NAMES, eq1_bp_volume
+    from thrifty.zen.schemes.block_parallelism import OMNIREDUCE_BLOCK_SIZE, rows_per_block
+    from thrifty.zen.sparse_rows import wire_index_dtype
+    from thrifty.zen.workloads import (
+        FrequencyVocabulary,
+        index_sets_at_density,
+        sharegpt_tokens,
+    )
+
+    cells, report = [], {}
+    workers = max(nodes)
+    for source in sources:
+        for density in densities:
+            started = time.perf_counter()
+            sets, num_rows, row_numel = index_sets_at_density(source, workers, density, seed)
+            per_block = rows_per_block(OMNIREDUCE_BLOCK_SIZE, row_numel)
+            index_bytes = wire_index_dtype(num_rows).itemsize
+            entry = index_bytes + 4 * row_numel
+            predictions = {}
+            for n in nodes:
+                stats = measure_sparsity(sets[:n], num_rows, rows_per_block=per_block)
+                kw = {"index_bytes": index_bytes, "values_per_index": row_numel}
+                predictions[str(n)] = {
+                    "density": stats.density,
+                    "gamma": stats.gamma,
+                    "overlap": stats.overlap,
+                    "skewness": stats.skewness,
+                    "bytes": {s: vars(predict_wire_bytes(s, stats, **kw)) for s in SCHEME_NAMES},
+                    "zen_balanced_max_rank_bytes": predict_wire_bytes(
+                        "zen", stats, **kw
+                    ).max_rank_bytes,
+                    "eq1_bp_rank_bytes": eq1_bp_volume(
+                        stats.gamma, n, stats.density, num_rows, entry
+                    ),
+                }
+            key = f"{source}@{density:g}"
+            cells.append({"key": key, "source": source, "density": density,
+                          "num_rows": num_rows, "row_numel": row_numel,
+                          "sets": [s.to(torch.int32) for s in sets]})  # fmt: skip
+            report[key] = {"source": source, "density": density, "num_rows": num_rows,
+                           "row_numel": row_numel, "nnz": [s.numel() for s in sets],
+                           "prepare_s": time.perf_counter() - started,
+                           "predicted": predictions}  # fmt: skip
+    train = None
+    if train_iters > 0:
+        tokens = sharegpt_tokens()
+        vocab = FrequencyVocabulary.fit(tokens)
+        ranked = vocab.encode(tokens)
+        span = TRAIN_BATCH * (TRAIN_SEQ + 1)
+        shard = ranked.numel() // workers
+        train = {
+            "vocab": vocab.size,
+            "batches": [
+                ranked[w * shard : w * shard + train_iters * span]
+                .view(train_iters, TRAIN_BATCH, TRAIN_SEQ + 1)
+                .to(torch.int32)
+                for w in range(workers)
+            ],
+        }
+    torch.save({"cells": cells, "train": train}, path)
+    return report
+
+
+def run_zen_benchmark(
+    nodes: Sequence[int] = NODES,
+    rates: Sequence[str] = RATES,
+    densities: Sequence[float] = DENSITIES,
+    sources: Sequence[str] = SOURCES,
+    schemes: Sequence[str] = SCHEMES,
+    reps: int = 5,
+    train_iters: int = 6,
+    train_warmup: int = 2,
+    plot: bool = True,
+    timeout: float = 3600.0,
+) -> dict[str, Any]:
+    """Run the grid; write ``results/zen_bench.json`` (+ PNG).
+
+    Each rate needs root (emulated NICs), except ``"loopback"``: all ranks on
+    one node over the plain loopback (a smoke test; nothing is rate limited).
+    """
+    from thrifty.bench import netem
+
+    if any(rate != "loopback" for rate in rates):
+        netem.check_available()
+    started = time.perf_counter()
+    payload: dict[str, Any] = {
+        "nodes": list(nodes), "rates": list(rates), "densities": list(densities),
+        "sources": list(sources), "schemes": list(schemes), "reps": reps,
+        "train_iters": train_iters, "train_warmup": train_warmup,
+        "load_average_before": os.getloadavg(), "runs": {},
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="thrifty-zen-") as tmp:
+        inputs = Path(tmp) / "inputs.pt"
+        iters = train_warmup + train_iters
+        payload["inputs"] = prepare_inputs(sources, densities, nodes, iters, inputs)
+        payload["prepare_s"] = time.perf_counter() - started
+        job = {"inputs": str(inputs), "schemes": list(schemes), "reps": reps,
+               "train_iters": train_iters, "train_warmup": train_warmup}  # fmt: skip
+        for rate in rates:
+            for n in nodes:
+                job_start = time.perf_counter()
+                if rate == "loopback":  # one node, plain loopback: no root, no rate limit
+                    per_rank = cl.run_torchrun(None, n, MODULE, job, timeout)
+                else:
+                    with cl.emulated_cluster(n, rate) as cluster:
+                        per_rank = cl.run_torchrun(cluster, 1, MODULE, job, timeout)
+                run = _merge_ranks(per_rank)
+                run["seconds"] = time.perf_counter() - job_start
+                run["load_average_after"] = os.getloadavg()
+                payload["runs"][f"{rate}/{n}"] = {"rate": rate, "nodes": n, **run}
+                log.info("zen bench %s, %d nodes: %.0f s", rate, n, run["seconds"])
+    payload["seconds"] = time.perf_counter() - started
+    payload["summary"] = summary_rows(payload)
+    payload["goals"] = goal_checks(payload)
+    path = write_json("zen_bench", payload)
+    payload["json_path"] = str(path)
+    if plot:
+        payload["plot_path"] = str(plot_zen_bench(payload, results_dir() / "zen_bench.png"))
+    return payload
+
+
+def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
+    """Times agree on every rank (max over ranks per rep); bytes and errors are per rank."""
+    first = per_rank[0]
+    cells = {}
+    for key, cell in first["cells"].items():
+        schemes = {}
+        for scheme, row in cell.items():
+            sent = [r["cells"][key][scheme]["bytes"] for r in per_rank]
+            schemes[scheme] = {
+                "seconds": statistics.median(row["times"]),
+                "times": row["times"],
+                "max_rank_bytes": max(sent),
+                "total_bytes": sum(sent),
+                "bytes_per_rank": sent,
+                "max_error": max(r["cells"][key][scheme]["error"] for r in per_rank),
+                **({"chosen": row["chosen"]} if "chosen" in row else {}),
+            }
+        cells[key] = schemes
+    return {"cells": cells, "train": first.get("train")}
+
+
+def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per (rate, n, source, density): times, bytes vs the model, and the ratios."""
+    rows = []
+    for run in payload["runs"].values():
+        n = run["nodes"]
+        for key, schemes in run["cells"].items():
+            inputs = payload["inputs"][key]
+            predicted = inputs["predicted"][str(n)]
+            times = {s: r["seconds"] for s, r in schemes.items()}
+            others = {s: t for s, t in times.items() if s in BASELINES}
+            best = min(others, key=others.__getitem__) if others else None
+            model_ratio = {
+                s: r["total_bytes"] / _predicted_total(predicted["bytes"][s])
+                for s, r in schemes.items()
+                if s in predicted["bytes"]
+            }
+            row = {
+                "rate": run["rate"], "nodes": n, "source": inputs["source"],
+                "density": inputs["density"], "gamma": predicted["gamma"],
+                "skewness": predicted["skewness"], "seconds": times,
+                "max_rank_bytes": {s: r["max_rank_bytes"] for s, r in schemes.items()},
+                "max_error": max(r["max_error"] for r in schemes.values()),
+                "bytes_vs_model": model_ratio, "best_baseline": best,
+            }  # fmt: skip
+            if "zen" in schemes:
+                zen = schemes["zen"]
+                row["zen_vs_balanced_model"] = (
+                    zen["max_rank_bytes"] / predicted["zen_balanced_max_rank_bytes"]
+                )
+                row["zen_vs_eq1"] = zen["max_rank_bytes"] / predicted["eq1_bp_rank_bytes"]
+            for s in ("zen", "auto"):
+                if s in times and best is not None:
+                    row[f"{s}_vs_best_baseline"] = times[s] / times[best]
+            if "auto" in schemes:
+                row["auto_chose"] = schemes["auto"].get("chosen")
+            for base in BASELINES:
+                if "zen" in times and base in times:
+                    row[f"speedup_vs_{base}"] = times[base] / times["zen"]
+            rows.append(row)
+    return rows
+
+
+def goal_checks(payload: dict[str, Any]) -> dict[str, Any]:
+    """The issue's goals, each with the measured numbers that decide it."""
+    rows = payload.get("summary") or summary_rows(payload)
+    out: dict[str, Any] = {}
+    ratios = [(r, s, v) for r in rows for s, v in r["bytes_vs_model"].items()]
+    worst = max(ratios, key=lambda t: abs(t[2] - 1), default=None)
+    outside = [{"scheme": s, "ratio": v, **_where(r)} for r, s, v in ratios if abs(v - 1) > 0.1]
+    out["bytes_within_10pct_of_model"] = {
+        "holds": not outside,
+        "worst": None if worst is None else {"scheme": worst[1], "ratio": worst[2],
+                                             **_where(worst[0])},
+        "outside": outside,
+    }  # fmt: skip
+    zen = [r for r in rows if "zen_vs_eq1" in r]
+    out["zen_bytes_within_1.1x_bp_optimum"] = {
+        "holds": all(r["zen_vs_eq1"] <= 1.1 for r in zen),
+        "max_vs_eq1_coo": max((r["zen_vs_eq1"] for r in zen), default=None),
+        "max_vs_balanced_zen_model": max((r["zen_vs_balanced_model"] for r in zen), default=None),
+    }
+    auto = [r for r in rows if "auto_vs_best_baseline" in r]
+    slowest = max(auto, key=lambda r: r["auto_vs_best_baseline"], default=None)
+    out["auto_never_5pct_slower_than_best"] = {
+        "holds": all(r["auto_vs_best_baseline"] <= 1.05 for r in auto),
+        "worst": None if slowest is None else _brief(slowest),
+        "violations": [_brief(r) for r in auto if r["auto_vs_best_baseline"] > 1.05],
+    }
+    lstm = [r for r in rows if r["source"] == "lstm" and r["nodes"] == 8 and r["rate"] == "1gbit"]
+    out["lstm_n8_1gbit"] = {
+        "rows": [{"density": r["density"], "vs_agsparse": r.get("speedup_vs_agsparse"),
+                  "vs_dense": r.get("speedup_vs_dense"),
+                  "vs_omnireduce": r.get("speedup_vs_omnireduce")} for r in lstm],
+        "holds_2x_agsparse": bool(lstm) and all(r.get("speedup_vs_agsparse", 0) >= 2 for r in lstm),
+        "holds_5x_dense": bool(lstm) and all(r.get("speedup_vs_dense", 0) >= 5 for r in lstm),
+    }  # fmt: skip
+    skewed = [r for r in rows if r["source"] in ("lstm", "deepfm") and "speedup_vs_omnireduce" in r]
+    out["faster_than_omnireduce_under_skew"] = {
+        "holds": all(r["speedup_vs_omnireduce"] > 1 for r in skewed),
+        "min": min((r["speedup_vs_omnireduce"] for r in skewed), default=None),
+        "slower": [_brief(r) for r in skewed if r["speedup_vs_omnireduce"] <= 1],
+    }
+    return out
+
+
+def _predicted_total(volume: dict[str, float]) -> float:
+    return volume["payload_bytes"] + volume["control_bytes"]
+
+
+def _where(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("rate", "nodes", "source", "density")}
+
+
+def _brief(row: dict[str, Any]) -> dict[str, Any]:
+    keys = ("auto_vs_best_baseline", "best_baseline", "auto_chose", "speedup_vs_omnireduce")
+    return {**_where(row), **{k: row[k] for k in keys if k in row}}
+
+
+def plot_zen_bench(payload: dict[str, Any], path: Path) -> Path:
+    """Per rate and source: communication time of each scheme vs density, one panel per n."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["summary"]
+    rates, sources, nodes = payload["rates"], payload["sources"], payload["nodes"]
+    panels = [(rate, source) for rate in rates for source in sources]
+    fig, axes = plt.subplots(len(panels), len(nodes), figsize=(4.2 * len(nodes), 3.2 * len(panels)),
+                             squeeze=False)  # fmt: skip
+    for i, (rate, source) in enumerate(panels):
+        for j, n in enumerate(nodes):
+            ax = axes[i, j]
+            mine = sorted((r for r in rows if r["rate"] == rate and r["source"] == source
+                           and r["nodes"] == n), key=lambda r: r["density"])  # fmt: skip
+            for k, scheme in enumerate(payload["schemes"]):
+                pts = [(r["density"], r["seconds"][scheme]) for r in mine if scheme in r["seconds"]]
+                if pts:
+                    style = "-" if scheme in BASELINES else "--"
+                    ax.plot(*zip(*pts, strict=True), "o" + style, color=f"C{k}", label=scheme)
+            ax.set(xscale="log", yscale="log", title=f"{source}, {n} nodes, {rate}",
+                   xlabel="density", ylabel="seconds")  # fmt: skip
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- rank side
+
+
+def _sparse_tensor(rows: torch.Tensor, num_rows: int, row_numel: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    shape = (num_rows,) if row_numel == 1 else (num_rows, row_numel)
+    values = torch.randn(rows.numel(), *shape[1:], generator=gen)
+    return torch.sparse_coo_tensor(rows.reshape(1, -1), values, shape, is_coalesced=True)
+
+
+def _timed_once(fn: Any) -> float:
+    """One call on every rank at once; the slowest rank's seconds."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
+    dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
+    return elapsed.item()
+
+
+def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict[str, Any]:
+    """Every scheme on this cell's tensors: error vs dense, then ``reps`` rounds of timed calls.
+
+    The schemes take turns within each round, so a load spike on the machine
+    (other jobs share its cores) hits them alike instead of one scheme's reps.
+    """
+    from thrifty.dist import collectives as C
+    from thrifty.zen import AutoScheme, make_scheme, sync_sparse
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    rows = cell["sets"][rank].to(torch.int64)
+    tensor = _sparse_tensor(rows, cell["num_rows"], cell["row_numel"], 1000 + rank)
+    reference = tensor.to_dense()
+    dist.all_reduce(reference)
+    reference /= n
+    timed_auto = AutoScheme(profile_steps=2, criterion="time")
+    objects = {name: timed_auto if name == "auto" else make_scheme(name) for name in schemes}
+    out: dict[str, Any] = {}
+    for name, scheme in objects.items():
+        result = sync_sparse(tensor, scheme, output="dense")  # warm-up
+        out[name] = {"times": [], "error": (result - reference).abs().max().item()}
+        del result
+        while isinstance(scheme, AutoScheme) and scheme.chosen is None:  # its timed profile
+            sync_sparse(tensor, scheme)
+    ledgers = {name: C.CommLedger() for name in schemes}
+    for _ in range(reps):
+        for name, scheme in objects.items():
+            with C.count_bytes(ledgers[name]):
+                out[name]["times"].append(_timed_once(lambda s=scheme: sync_sparse(tensor, s)))
+    for name, scheme in objects.items():
+        out[name]["bytes"] = ledgers[name].wire_bytes / max(reps, 1)
+        if isinstance(scheme, AutoScheme):
+            out[name]["chosen"] = scheme.chosen
+    return out
+
+
+def _train_lstm(train: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
+    """The three configurations take turns, one iteration each (load spikes hit all alike)."""
+    from thrifty.dist import GradientSync
+    from thrifty.zen.workloads import LSTMLanguageModel
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    batches = train["batches"][rank].to(torch.int64)
+    runs = {}
+    for label, scheme in TRAIN_CONFIGS.items():
+        torch.manual_seed(0)
+        model = LSTMLanguageModel(train["vocab"])
+        sync = GradientSync(model, sparse_scheme=scheme)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        runs[label] = (model, sync, opt, [], [])
+    for i in range(warmup + iters):
+        batch = batches[i]
+        for model, _, opt, times, losses in runs.values():
+
+            def step(m: Any = model, o: Any = opt, out: list = losses, b: Any = batch) -> None:
+                o.zero_grad(set_to_none=True)
+                loss = m(b[:, :-1], b[:, 1:])
+                loss.backward()
+                o.step()
+                out.append(loss.item())
+
+            elapsed = _timed_once(step)
+            if i >= warmup:
+                times.append(elapsed)
+    out = {}
+    for label, (_, sync, _, times, losses) in runs.items():
+        seconds = statistics.median(times)
+        out[label] = {
+            "iteration_s": seconds,
+            "times": times,
+            "tokens_per_s": n * TRAIN_BATCH * TRAIN_SEQ / seconds,
+            "wire_bytes_per_iter": sync.ledger.wire_bytes / (warmup + iters),
+            "losses": losses,
+        }
+        sync.remove()
+    return out
+
+
+def _rank_run(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(1)
+    data = torch.load(spec["inputs"])
+    rank = dist.get_rank()
+    cells = {}
+    for cell in data["cells"]:
+        if rank == 0:
+            print(f"[zen bench] {cell['key']}", file=sys.stderr, flush=True)
+        cells[cell["key"]] = _bench_cell(cell, spec["schemes"], spec["reps"])
+    out: dict[str, Any] = {"cells": cells}
+    if data["train"] is not None and spec["train_iters"] > 0:
+        out["train"] = _train_lstm(data["train"], spec["train_warmup"], spec["train_iters"])
+    return out
+
+
+if __name__ == "__main__":
+    cl.cluster_worker_main(_rank_run)
