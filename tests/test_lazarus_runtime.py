@@ -27,7 +27,8 @@ def _corpus() -> torch.Tensor:
 
 
 def _run(cfg: LazarusConfig) -> list:
-    return run_ranks(train_rank, cfg.workers, _corpus(), cfg, may_die=cfg.kill_ranks, timeout=120)
+    world = cfg.workers + cfg.joiners
+    return run_ranks(train_rank, world, _corpus(), cfg, may_die=cfg.kill_ranks, timeout=120)
 
 
 def _check_nothing_lost(results: list, cfg: LazarusConfig) -> None:
@@ -129,3 +130,67 @@ def _conservation_rank(tokens: int, experts: int, k: int) -> bool:
 @pytest.mark.parametrize("k", [1, 2])
 def test_token_conservation_through_real_all_to_all(k: int) -> None:
     assert run_ranks(_conservation_rank, 3, 50, 5, k, timeout=60) == [True] * 3
+
+
+def _check_replicas_agree(results: list, cfg: LazarusConfig) -> None:
+    """Final states: dense part and every expert replica (weights + Adam) equal wherever held."""
+    alive = [r for r in results if r is not None and "members" in r]
+    ref: dict[str, dict[str, torch.Tensor]] = {"p": {}, "m": {}, "v": {}}
+    for r in alive:
+        for kind in ref:
+            for name, tensor in r["final"][kind].items():
+                if name in ref[kind]:
+                    assert torch.equal(ref[kind][name], tensor), f"{kind} {name} differs"
+                ref[kind][name] = tensor
+    placement = alive[0]["placement"]
+    for i, member in enumerate(alive[0]["members"]):
+        (r,) = [r for r in alive if r["rank"] == member]
+        expected = {(layer, e) for layer in range(cfg.layers) for e in placement[layer][i]}
+        assert set(r["held"]) == expected, f"rank {member} holds what the placement says"
+    held = {key for r in alive for key in r["held"]}
+    assert held == {(layer, e) for layer in range(cfg.layers) for e in range(cfg.experts)}
+
+
+def test_a_new_rank_joins_at_a_step_boundary_and_receives_replicas() -> None:
+    cfg = LazarusConfig(
+        workers=3, slots=3, experts=6, vocab=512, steps=12, joiners=1, join_at_step=4,
+        return_states=True,
+    )  # fmt: skip
+    results = _run(cfg)
+    _check_replicas_agree(results, cfg)
+    joiner = results[3]
+    assert joiner["members"] == [0, 1, 2, 3] and joiner["held"]
+    report = summarize(cfg, results, 0.0)
+    (rec,) = report["reconfigurations"]
+    assert rec["kind"] == "join" and rec["members_after"] == [0, 1, 2, 3]
+    assert rec["replicas_moved"] == len(joiner["held"]) > 0
+    # Admitted at a boundary after it asked (step 4 opens the door): it trains the rest.
+    assert 4 < joiner["first_step"] == rec["step"] < cfg.steps
+    assert joiner["steps_executed"] == cfg.steps - rec["step"]
+    # Before the join 3 nodes x 3 slots cannot hold f=2 of 6 experts; after it they can.
+    assert all(min(r) == 2 for r in rec["replicas"])
+    assert report["steps_done"] == cfg.steps and not report["checkpoint_reloads"]
+    losses = report["loss"]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+
+
+def test_periodic_reallocation_follows_the_recent_token_loads() -> None:
+    from thrifty.lazarus import allocate_replicas
+
+    cfg = LazarusConfig(
+        workers=4, slots=4, experts=4, top_k=1, vocab=512, steps=10, reallocate_every=3,
+        return_states=True,
+    )  # fmt: skip
+    results = _run(cfg)
+    _check_replicas_agree(results, cfg)
+    report = summarize(cfg, results, 0.0)
+    recs = report["reconfigurations"]
+    assert [r["step"] for r in recs] == [3, 6, 9] and all(r["kind"] == "rebalance" for r in recs)
+    tokens = cfg.reallocate_every * cfg.workers * cfg.batch * cfg.seq_len * cfg.top_k
+    for rec in recs:
+        for layer in range(cfg.layers):
+            loads = rec["loads"][layer]
+            assert sum(loads) == tokens  # the window since the last plan, nothing older
+            expected = allocate_replicas(loads, cfg.workers, cfg.slots, cfg.min_replicas)
+            assert rec["replicas"][layer] == list(expected.replicas)
+    assert report["final_placement"] == results[0]["placement"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -828,6 +830,85 @@ def lazarus_train(
     )
 
 
+def _measured_costs(path: Path) -> dict[str, float]:
+    """The simulator's costs from a ``thrifty lazarus bench`` result (medians, seconds)."""
+    try:
+        median = json.loads(path.read_text())["recovery"]["median"]
+        lazarus, torchrun = median["lazarus"], median["torchrun"]
+        return {
+            "step_s": lazarus["step_s"],
+            "reconfig_s": lazarus["total_s"],
+            # The simulator rolls back to the checkpoint itself: the redo is not a fixed cost.
+            "restart_s": torchrun["total_s"] - torchrun["redo_s"],
+            "checkpoint_s": lazarus["checkpoint_s"],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise typer.BadParameter(f"{path}: not a `thrifty lazarus bench` result ({exc})") from exc
+
+
+@lazarus_app.command("bench")
+def lazarus_bench(
+    repeats: Annotated[int, typer.Option(help="Interleaved repetitions of each recovery.")] = 3,
+    workers: Annotated[int, typer.Option(help="Ranks of the recovery job.")] = 4,
+    kill_at_step: Annotated[int, typer.Option(help="Step whose forward ends in the kill.")] = 15,
+    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 10,
+    nodes: Annotated[int, typer.Option(help="Placement: nodes (Fig. 8: 10).")] = 10,
+    slots: Annotated[int, typer.Option(help="Placement: slots per node (Fig. 8: 6).")] = 6,
+    experts: Annotated[int, typer.Option(help="Placement: experts (Fig. 8: 16).")] = 16,
+) -> None:
+    """Measured recovery (Lazarus vs torchrun restart) and recovery probability by placement."""
+    from thrifty.bench.lazarus import (
+        placement_comparison,
+        placement_scaling,
+        plot_placement_comparison,
+        plot_recovery,
+        recovery_vs_restart,
+    )
+    from thrifty.bench.results import results_dir, write_json
+
+    recovery = recovery_vs_restart(
+        workers=workers, kill_at_step=kill_at_step, checkpoint_every=checkpoint_every,
+        steps=kill_at_step + 9, repeats=repeats,
+    )  # fmt: skip
+    placement = placement_comparison(nodes=nodes, slots=slots, experts=experts)
+    scaling = placement_scaling()
+    plots = [
+        plot_recovery(recovery, results_dir() / "lazarus_recovery.png"),
+        plot_placement_comparison(placement, results_dir() / "lazarus_placement.png"),
+    ]
+    path = write_json(
+        "lazarus_bench", {"recovery": recovery, "placement": placement, "scaling": scaling}
+    )
+    table = Table(title=f"Recovery from kill -9 ({workers} ranks, medians of {repeats})")
+    for column in ("system", "kill -> training again", "parts", "steps lost", "vs Lazarus"):
+        table.add_column(column)
+    for name, med in recovery["median"].items():
+        parts = ", ".join(f"{k[:-2]} {v:.2f}" for k, v in med.items()
+                          if k not in ("total_s", "step_s", "checkpoint_s"))  # fmt: skip
+        lost = recovery["runs"][name][0]["steps_lost"]
+        ratio = "1.00x" if name == "lazarus" else f"{recovery['speedup'][name]:.2f}x slower"
+        table.add_row(name, f"{med['total_s']:.2f} s", parts, str(lost), ratio)
+    console.print(table)
+    console.print(
+        f"Lazarus: parameter/optimizer elements lost {recovery['elements_lost']}, checkpoint "
+        f"reloads {recovery['checkpoint_reloads']}, "
+        f"step {recovery['median']['lazarus']['step_s']:.3f} s"
+    )
+    ptable = Table(title=f"Recovery probability, {nodes} nodes x {slots} slots, {experts} experts")
+    ks = placement["config"]["failures"]
+    ptable.add_column("placement")
+    for k in ks:
+        ptable.add_column(f"{k} failed")
+    for name, data in placement["placements"].items():
+        ptable.add_row(name, *(f"{p:.3f}" for p in data["probability"]))
+    console.print(ptable)
+    console.print(
+        f"place_experts at {scaling['config']['nodes']} nodes x {scaling['config']['slots']} "
+        f"slots x {scaling['config']['experts']} experts: median {scaling['median_s']:.3f} s"
+    )
+    console.print(f"wrote {path}, {plots[0]} and {plots[1]}")
+
+
 @lazarus_app.command("simulate")
 def lazarus_simulate(
     nodes: Annotated[int, typer.Option(help="Nodes at the start.")] = 16,
@@ -837,17 +918,30 @@ def lazarus_simulate(
     step_s: Annotated[float, typer.Option(help="Seconds per training step.")] = 1.0,
     reconfig_s: Annotated[float, typer.Option(help="Lazarus reconfiguration seconds.")] = 1.0,
     restart_s: Annotated[float, typer.Option(help="Checkpoint-restart seconds.")] = 30.0,
+    checkpoint_s: Annotated[float, typer.Option(help="Seconds to write a checkpoint.")] = 5.0,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 100,
     hours: Annotated[float, typer.Option(help="Simulated hours.")] = 6.0,
     seed: Annotated[int, typer.Option(help="Trace seed.")] = 0,
+    from_bench: Annotated[
+        Path | None,
+        typer.Option(
+            help="Take step, reconfiguration, restart and checkpoint seconds from this "
+            "`thrifty lazarus bench` JSON (the measured costs) instead of the options."
+        ),
+    ] = None,
 ) -> None:
     """Goodput of Lazarus vs DS(FT) vs DS under Poisson and spot-like traces."""
     from thrifty.bench.results import results_dir, write_json
     from thrifty.lazarus.simulate import SimConfig, simulate_all
 
+    costs = dict(step_s=step_s, reconfig_s=reconfig_s, restart_s=restart_s,
+                 checkpoint_s=checkpoint_s)  # fmt: skip
+    if from_bench is not None:
+        costs = _measured_costs(from_bench)
+        console.print("measured costs: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
     cfg = SimConfig(
-        nodes=nodes, experts=experts, slots=slots, step_s=step_s, reconfig_s=reconfig_s,
-        restart_s=restart_s, checkpoint_every=checkpoint_every, horizon_s=hours * 3600,
+        nodes=nodes, experts=experts, slots=slots, checkpoint_every=checkpoint_every,
+        horizon_s=hours * 3600, **costs,
     )  # fmt: skip
     plot = str(results_dir() / "lazarus_simulate.png")
     out = simulate_all(cfg, mtbf_s=mtbf, seed=seed, plot_path=plot)

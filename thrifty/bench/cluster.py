@@ -241,6 +241,7 @@ def run_torchrun(
     module: str,
     spec: dict[str, Any],
     timeout: float = 300.0,
+    max_restarts: int = 0,
 ) -> list[Any]:
     """Run ``torchrun ... -m <module> <spec JSON>`` on every node; per-rank results in rank order.
 
@@ -249,6 +250,9 @@ def run_torchrun(
     module's ``__main__`` calls :func:`cluster_worker_main`; each rank's
     JSON-able return value comes back through ``spec["out_dir"]`` (set here).
     ``cluster=None`` runs one node on the plain loopback, no root needed.
+    ``max_restarts`` is torchrun's: when a worker dies, the agent stops the
+    others and starts them all again, up to that many times; the results are
+    the last attempt's.
 
     Raises:
         ClusterJobFailed: a node's torchrun failed; the message quotes the end
@@ -272,10 +276,20 @@ def run_torchrun(
         procs: list[subprocess.Popen] = []
         logs = [out_dir / f"node{i}.log" for i in range(nodes)]
         try:
+            # The static rendezvous, and c10d's store shared with the agent, live across
+            # restarts with no per-attempt prefix: a restarted gloo group reads the dead
+            # attempt's addresses. c10d with an unshared store gets a new one per round.
+            if max_restarts:
+                env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
+            rendezvous = (
+                ["--master-addr", master, "--master-port", port] if not max_restarts else
+                ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{port}",
+                 "--rdzv-id", out_dir.name]
+            )  # fmt: skip
             for node in range(nodes):
                 argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
                         "--node-rank", str(node), "--nproc-per-node", str(ranks_per_node),
-                        "--master-addr", master, "--master-port", port,
+                        *rendezvous, "--max-restarts", str(max_restarts),
                         "-m", module, job]  # fmt: skip
                 with logs[node].open("wb") as sink:
                     kwargs = {"env": env, "stdout": sink, "stderr": subprocess.STDOUT,
@@ -379,7 +393,8 @@ def cluster_worker_main(fn: Callable[[dict[str, Any]], Any]) -> None:
             partial.write_text(json.dumps(result))
             partial.rename(out_dir / f"rank{rank}.json")  # never a half-written result
         finally:
-            dist.destroy_process_group()
+            if dist.is_initialized():  # fn may have left it for a group of its own
+                dist.destroy_process_group()
 
     main()
 

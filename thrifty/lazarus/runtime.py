@@ -75,7 +75,7 @@ from thrifty.lazarus.moe import (
 )
 from thrifty.lazarus.placement_search import place_experts
 
-__all__ = ["LazarusConfig", "moe_dispatch", "train", "train_rank"]
+__all__ = ["LazarusConfig", "moe_dispatch", "run_job", "summarize", "train", "train_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,15 @@ class LazarusConfig:
             declare its rank dead.
         checkpoint_every: periodic checkpoint interval in steps (0: never),
             used only when some expert lost every replica.
+        joiners / join_at_step: extra processes that ask to join once the
+            run reaches that step; they are admitted at the next step
+            boundary and receive dense state and expert replicas.
+        reallocate_every: re-plan allocation and placement (Eq. 1 on the
+            token loads seen since the last plan) every this many steps.
+        on_failure: ``"recover"`` (Lazarus) or ``"abort"``: survivors stop,
+            the first half of the checkpoint-restart baseline.
+        resume: start from the newest complete checkpoint in ``checkpoint_dir``
+            (the second half of that baseline).
     """
 
     workers: int = 4
@@ -124,6 +133,26 @@ class LazarusConfig:
     seed: int = 0
     corpus_tokens: int = 60_000
     return_states: bool = False
+    joiners: int = 0
+    join_at_step: int = -1
+    reallocate_every: int = 0
+    on_failure: str = "recover"
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("workers", "slots", "experts", "layers", "steps", "batch", "seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.joiners < 0 or self.reallocate_every < 0 or self.checkpoint_every < 0:
+            raise ValueError("joiners, reallocate_every and checkpoint_every must be >= 0")
+        if self.joiners and not 0 <= self.join_at_step < self.steps:
+            raise ValueError(f"join_at_step={self.join_at_step}: expected 0..steps-1 with joiners")
+        if any(not 0 <= r < self.workers for r in self.kill_ranks):
+            raise ValueError(f"kill_ranks={self.kill_ranks}: expected 0..{self.workers - 1}")
+        if self.on_failure not in ("recover", "abort"):
+            raise ValueError(f"on_failure={self.on_failure!r}: expected 'recover' or 'abort'")
+        if self.resume and not self.checkpoint_dir:
+            raise ValueError("resume=True needs checkpoint_dir (where the checkpoints are)")
 
     @property
     def model(self) -> MoEConfig:
@@ -282,14 +311,19 @@ def _base_store() -> tuple[str, int]:
     return store.host, store.port
 
 
-def _client(host: str, port: int) -> dist.TCPStore:
-    return dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=120))
+def _client(host: str, port: int, namespace: str = "") -> dist.Store:
+    """A new connection to the run's store; ``namespace`` keeps a restarted job's keys apart."""
+    store = dist.TCPStore(host, port, None, False, datetime.timedelta(seconds=120))
+    return dist.PrefixStore(namespace, store) if namespace else store
 
 
-def _heartbeat(host: str, port: int, rank: int, stop: threading.Event) -> None:
-    store = _client(host, port)
+def _heartbeat(host: str, port: int, namespace: str, rank: int, stop: threading.Event) -> None:
+    store = _client(host, port, namespace)
     while not stop.is_set():
-        store.add(f"hb/{rank}", 1)
+        try:
+            store.add(f"hb/{rank}", 1)
+        except RuntimeError:  # the store's host left (the run is over or it died): stop
+            return
         time.sleep(_HEARTBEAT_S)
 
 
@@ -332,9 +366,11 @@ def _plan(
     lost: list[tuple[int, int]] = []
     relaxed = False
     sends = dict.fromkeys(members, 0)
+    replicas: list[list[int]] = []
     for layer in range(cfg.layers):
         alloc = allocate_replicas(loads[layer].tolist(), nodes, cfg.slots, cfg.min_replicas)
         relaxed |= alloc.relaxed
+        replicas.append(list(alloc.replicas))
         placement = place_experts(alloc.replicas, nodes, cfg.slots, min_distinct=alloc.min_replicas)
         rows = [list(row) for row in placement.nodes]
         # Rows onto members, greatest overlap with what each holds first.
@@ -359,7 +395,14 @@ def _plan(
                 src = min(owners, key=lambda o: (sends[o], o))
                 sends[src] += 1
                 transfers.append((src, m, layer, e))
-    return {"rows": layers, "transfers": transfers, "lost": sorted(set(lost)), "relaxed": relaxed}
+    return {
+        "rows": layers,
+        "transfers": transfers,
+        "lost": sorted(set(lost)),
+        "relaxed": relaxed,
+        "replicas": replicas,
+        "loads": loads.tolist(),
+    }
 
 
 def _replica_matrix(rows: list[list[int]], experts: int) -> torch.Tensor:
@@ -431,34 +474,47 @@ def _batch(corpus: torch.Tensor, cfg: LazarusConfig, step: int, rank: int, world
     return idx[:, :-1], idx[:, 1:]
 
 
+@dataclass
+class _Run:
+    """Where this rank's run stands; the same on every member after each reconfiguration."""
+
+    me: int  # original rank id (what the store and the plans name)
+    loads: torch.Tensor  # tokens routed per (layer, expert) so far
+    mark: torch.Tensor  # ``loads`` at the last re-plan
+    members: list[int] = field(default_factory=list)
+    gen: int = -1
+    rows: list[list[list[int]]] = field(default_factory=list)  # [layer][member] -> experts
+    step: int = 0
+    admitted: int = 0  # joiners admitted so far
+
+    def alloc_loads(self) -> torch.Tensor:
+        """Eq. 1's input: the loads since the last plan (all loads when none came since)."""
+        recent = self.loads - self.mark
+        return recent if float(recent.sum()) > 0 else self.loads
+
+
 def _step(
-    cfg: LazarusConfig,
-    state: _State,
-    rows: list[list[int]],
-    corpus: torch.Tensor,
-    step: int,
-    loads: torch.Tensor,
-    me: int,
-    store: dist.Store,
-) -> tuple[float, dict[str, torch.Tensor]]:
+    cfg: LazarusConfig, state: _State, run: _Run, corpus: torch.Tensor, store: dist.Store
+) -> tuple[float, dict[str, torch.Tensor], int]:
+    """Forward, backward and the one gradient all-reduce; returns (loss, grads, joins seen)."""
     mcfg = cfg.model
     rank, world = dist.get_rank(), dist.get_world_size()
-    matrices = [_replica_matrix(layer_rows, cfg.experts) for layer_rows in rows]
-    seen = torch.zeros_like(loads)
+    matrices = [_replica_matrix(layer_rows, cfg.experts) for layer_rows in run.rows]
+    seen = torch.zeros_like(run.loads)
 
     def moe(layer: int, h: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        def run(e: int, x: torch.Tensor) -> torch.Tensor:
+        def expert(e: int, x: torch.Tensor) -> torch.Tensor:
             return expert_forward(state.experts[(layer, e)], x)
 
-        y, table = moe_dispatch(h, ids, w, matrices[layer], run)
+        y, table = moe_dispatch(h, ids, w, matrices[layer], expert)
         seen[layer] += table.sum(dim=0)
         return y
 
-    x, y = _batch(corpus, cfg, step, rank, world)
+    x, y = _batch(corpus, cfg, run.step, rank, world)
     logits = state.model(x, moe)
     loss = F.cross_entropy(logits.reshape(-1, mcfg.vocab), y.reshape(-1))
-    if me in cfg.kill_ranks and step == cfg.kill_at_step:
-        store.set(f"killed_at/{me}", repr(time.time()))
+    if run.me in cfg.kill_ranks and run.step == cfg.kill_at_step:
+        store.set(f"killed_at/{run.me}", repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL)
     loss.backward()
     dense = [p for _, p in state.model.named_parameters()]
@@ -468,15 +524,18 @@ def _step(
             [(params[k].grad if params[k].grad is not None else torch.zeros_like(params[k]))
              .reshape(-1) for k in EXPERT_KEYS]
         )  # fmt: skip
+    # Rank 0's count of join requests rides along, so every member sees the same number.
+    joins = float(store.add("joins", 0)) if rank == 0 else 0.0
     flat = torch.cat(
-        [loss.detach().reshape(1)]
+        [loss.detach().reshape(1), torch.tensor([joins])]
         + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense]
         + [table.reshape(-1)]
     )
     dist.all_reduce(flat)
+    seen_joins = int(flat[1])
     flat /= world
     grads: dict[str, torch.Tensor] = {}
-    offset = 1
+    offset = 2
     for n, p in state.model.named_parameters():
         grads[f"d.{n}"] = flat[offset : offset + p.numel()].reshape(p.shape)
         offset += p.numel()
@@ -485,8 +544,8 @@ def _step(
         pieces = table[layer, e].split([params[k].numel() for k in EXPERT_KEYS])
         for k, g in zip(EXPERT_KEYS, pieces, strict=True):
             grads[f"x.{layer}.{e}.{k}"] = g.reshape(params[k].shape)
-    loads += seen
-    return float(flat[0]), grads
+    run.loads += seen
+    return float(flat[0]), grads, seen_joins
 
 
 def _clear_grads(state: _State) -> None:
@@ -494,66 +553,262 @@ def _clear_grads(state: _State) -> None:
         p.grad = None
 
 
-def _held(rows: list[list[int]], members: list[int]) -> dict[int, list[set[int]]]:
+def _held(rows: list[list[list[int]]], members: list[int]) -> dict[int, list[set[int]]]:
     return {m: [set(rows[layer][i]) for layer in range(len(rows))] for i, m in enumerate(members)}
 
 
-def train_rank(corpus: torch.Tensor, cfg: LazarusConfig) -> dict[str, Any]:
-    """One rank of a Lazarus run (called inside :func:`thrifty.bench.launch.run_ranks`)."""
-    me, world = dist.get_rank(), dist.get_world_size()
-    host, port = _base_store()
-    dist.destroy_process_group()  # the harness's group has a long timeout; ours is short
-    store = _client(host, port)
-    stop = threading.Event()
-    threading.Thread(target=_heartbeat, args=(host, port, me, stop), daemon=True).start()
-    members = list(range(world))
-    gen = 0
-    _init_group(store, gen, me, world, cfg.collective_timeout)
-    mcfg = cfg.model
-    torch.manual_seed(cfg.seed)
-    model = MoEGPT(mcfg)
-    loads = torch.zeros(cfg.layers, cfg.experts)
-    if me == 0:
-        plan = _plan(cfg, members, {}, loads)
-        store.set("plan/0", json.dumps(plan["rows"]))
-    rows = json.loads(store.get("plan/0"))
-    experts = {}
-    for layer in range(cfg.layers):
-        for e in set(rows[layer][me]):
-            experts[(layer, e)] = {
-                k: t.requires_grad_() for k, t in init_expert(mcfg, layer, e, cfg.seed).items()
+def _move_experts(
+    cfg: LazarusConfig, state: _State, plan: dict[str, Any], members: list[int], me: int
+) -> tuple[int, int]:
+    """Carry out ``plan["transfers"]`` point to point, then drop what the plan no longer puts here.
+
+    A transfer is an expert's weights and Adam moments, so the receiver's
+    replica is bit-identical to the sender's. Returns (replicas moved, bytes).
+    """
+    numel = 3 * cfg.model.expert_numel
+    ops, outgoing, incoming = [], [], []
+    for src, dst, layer, e in plan["transfers"]:
+        tag = layer * cfg.experts + e
+        if src == me:
+            outgoing.append(state.expert_vector(layer, e))  # alive until the send completes
+            ops.append(dist.isend(outgoing[-1], members.index(dst), tag=tag))
+        elif dst == me:
+            incoming.append((layer, e, torch.empty(numel)))
+            ops.append(dist.irecv(incoming[-1][2], members.index(src), tag=tag))
+    for op in ops:
+        op.wait()
+    for layer, e, buf in incoming:
+        state.set_expert_vector(cfg.model, layer, e, buf)
+    i = members.index(me)
+    keep = {(layer, e) for layer, layer_rows in enumerate(plan["rows"]) for e in layer_rows[i]}
+    for key in list(state.experts):
+        if key not in keep:
+            state.drop_expert(*key)
+    moved = len(plan["transfers"])
+    return moved, moved * numel * 4
+
+
+def _sync_dense(state: _State, run: _Run) -> None:
+    """Group rank 0's step, Adam clock, loads, dense weights and moments to every rank.
+
+    Members already agree on all of it; a joiner has none of it.
+    """
+    named = list(state.model.named_parameters())
+    moments = [
+        (s.get(f"d.{n}", torch.zeros_like(p))).reshape(-1) for s in (state.m, state.v)
+        for n, p in named
+    ]  # fmt: skip
+    flat = torch.cat(
+        [torch.tensor([run.step, state.t], dtype=torch.float64), run.loads.double().reshape(-1)]
+        + [p.detach().double().reshape(-1) for _, p in named]
+        + [m.double() for m in moments]
+    )
+    dist.broadcast(flat, src=0)
+    sizes = [2, run.loads.numel()] + [p.numel() for _, p in named] * 3
+    pieces = list(flat.split(sizes))
+    run.step, state.t = int(pieces[0][0]), int(pieces[0][1])
+    run.loads = pieces[1].float().reshape(run.loads.shape)
+    with torch.no_grad():
+        for (_, p), piece in zip(named, pieces[2 : 2 + len(named)], strict=True):
+            p.copy_(piece.reshape(p.shape))
+    rest = pieces[2 + len(named) :]
+    for i, (n, p) in enumerate(named):
+        state.m[f"d.{n}"] = rest[i].float().reshape(p.shape).clone()
+        state.v[f"d.{n}"] = rest[len(named) + i].float().reshape(p.shape).clone()
+
+
+# --------------------------------------------------------------------------- reconfigurations
+
+
+def _start(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run, ckpt: Path) -> None:
+    """Generation 0: the first ``cfg.workers`` ranks, a placement from uniform loads."""
+    run.members, run.gen = list(range(cfg.workers)), 0
+    _init_group(store, 0, run.me, cfg.workers, cfg.collective_timeout)
+    if run.me == 0:
+        store.set("plan/0", json.dumps(_plan(cfg, run.members, {}, run.loads)))
+    run.rows = json.loads(store.get("plan/0"))["rows"]
+    mine = [run.rows[layer][run.me] for layer in range(cfg.layers)]
+    for layer, row in enumerate(mine):
+        for e in set(row):
+            state.experts[(layer, e)] = {
+                k: t.requires_grad_() for k, t in init_expert(cfg.model, layer, e, cfg.seed).items()
             }
-    state = _State(model, experts)
+    if cfg.resume:
+        loaded = _load_checkpoint(cfg, state, ckpt, mine)
+        if loaded is None:
+            raise RuntimeError(f"resume=True but {ckpt} holds no complete checkpoint")
+        run.step = loaded
+
+
+def _rebalance(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run) -> dict[str, Any]:
+    """Periodic re-plan at a step boundary: Eq. 1 on recent loads, placement, moves."""
+    at = time.time()
+    started = time.perf_counter()
+    key = f"rebalance/{run.gen}/{run.step}"
+    if dist.get_rank() == 0:
+        plan = _plan(cfg, run.members, _held(run.rows, run.members), run.alloc_loads())
+        store.set(key, json.dumps(plan))
+    plan = json.loads(store.get(key))
+    moved, nbytes = _move_experts(cfg, state, plan, run.members, run.me)
+    dist.barrier()
+    run.rows, run.mark = plan["rows"], run.loads.clone()
+    return {
+        "kind": "rebalance", "id": key, "at": at, "step": run.step,
+        "members_before": run.members, "members_after": run.members,
+        "detection_s": None, "regroup_s": 0.0, "transfer_s": time.perf_counter() - started,
+        "replicas_moved": moved, "bytes_moved": nbytes, "replicas": plan["replicas"],
+        "loads": plan["loads"], "checkpoint_reload": False, "lost_experts": [],
+        "min_replicas_relaxed": plan["relaxed"],
+    }  # fmt: skip
+
+
+def _grow(
+    cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run, joins: int
+) -> dict[str, Any]:
+    """Admit joiners ``run.admitted + 1 .. joins`` at this step boundary (members' side)."""
+    at = time.time()
+    gen = run.gen + 1
+    if dist.get_rank() == 0:
+        ids = [int(store.get(f"joiner/{n}")) for n in range(run.admitted + 1, joins + 1)]
+        members = run.members + ids
+        plan = _plan(cfg, members, _held(run.rows, run.members), run.alloc_loads())
+        plan.update(members=members, members_before=run.members, admitted=joins)
+        store.set(f"plan/{gen}", json.dumps(plan))
+        for joiner in ids:
+            store.set(f"admit/{joiner}", str(gen))
+    plan = json.loads(store.get(f"plan/{gen}"))
+    dist.destroy_process_group()
+    return _enter(cfg, state, store, run, plan, gen, at)
+
+
+def _join(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run) -> dict[str, Any] | None:
+    """A joiner: wait for the run to reach ``join_at_step``, ask in, and enter when admitted.
+
+    Returns None when the run ended before admitting this rank.
+    """
+
+    def wait_for(key: str) -> bool:
+        while not store.check([key]):
+            if store.check(["done"]):
+                return store.check([key])  # admitted just before the end
+            time.sleep(0.02)
+        return True
+
+    if not wait_for("join_open"):
+        return None
+    at = time.time()
+    store.set(f"joiner/{store.add('joins', 1)}", str(run.me))
+    if not wait_for(f"admit/{run.me}"):
+        return None
+    gen = int(store.get(f"admit/{run.me}"))
+    plan = json.loads(store.get(f"plan/{gen}"))
+    return _enter(cfg, state, store, run, plan, gen, at)
+
+
+def _enter(
+    cfg: LazarusConfig,
+    state: _State,
+    store: dist.Store,
+    run: _Run,
+    plan: dict[str, Any],
+    gen: int,
+    at: float,
+) -> dict[str, Any]:
+    """Members and joiners together: new group, dense state from rank 0, expert moves."""
+    members = plan["members"]
+    started = time.perf_counter()
+    _init_group(store, gen, members.index(run.me), len(members), cfg.collective_timeout)
+    regrouped = time.perf_counter()
+    _sync_dense(state, run)
+    moved, nbytes = _move_experts(cfg, state, plan, members, run.me)
+    dist.barrier()
+    run.members, run.gen, run.rows, run.admitted = members, gen, plan["rows"], plan["admitted"]
+    run.mark = run.loads.clone()
+    return {
+        "kind": "join", "id": f"g{gen}", "at": at, "step": run.step,
+        "members_before": plan["members_before"], "members_after": members,
+        "detection_s": None, "regroup_s": regrouped - started,
+        "transfer_s": time.perf_counter() - regrouped,
+        "replicas_moved": moved, "bytes_moved": nbytes, "replicas": plan["replicas"],
+        "loads": plan["loads"], "checkpoint_reload": False, "lost_experts": [],
+        "min_replicas_relaxed": plan["relaxed"],
+    }  # fmt: skip
+
+
+def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") -> dict[str, Any]:
+    """One rank of a Lazarus run, inside an initialised default process group.
+
+    Called by :func:`thrifty.bench.launch.run_ranks` or under ``torchrun``
+    (:mod:`thrifty.lazarus.worker`). Ranks ``0..workers-1`` start the run;
+    ranks from ``workers`` on are joiners that enter at a step boundary once
+    the run reaches ``join_at_step``. ``namespace`` prefixes every store key
+    (torchrun keeps its store across restarts).
+    """
+    me = dist.get_rank()
+    host, port = _base_store()
+    # Where rank 0 hosts the store (torchrun with an unshared store), this reference keeps
+    # the server alive once the launcher's group, with its long timeout, is gone.
+    anchor = dist.distributed_c10d._get_default_store()
+    dist.destroy_process_group()
+    store = _client(host, port, namespace)
+    stop = threading.Event()
+    beat = threading.Thread(target=_heartbeat, args=(host, port, namespace, me, stop), daemon=True)
+    beat.start()
+    torch.manual_seed(cfg.seed)
+    state = _State(MoEGPT(cfg.model), {})
+    zeros = torch.zeros(cfg.layers, cfg.experts)
+    run = _Run(me, loads=zeros.clone(), mark=zeros.clone())
     ckpt_dir = Path(cfg.checkpoint_dir or tempfile.mkdtemp(prefix="lazarus-ckpt-"))
     losses: dict[int, float] = {}
+    step_walls: dict[int, float] = {}
+    checkpoint_s: list[float] = []
     reconfigs: list[dict[str, Any]] = []
     extra: dict[str, Any] = {}
     executed = 0
-    step = 0
-    snap = prev_snap = state.snapshot()
     started = time.perf_counter()
     try:
-        while step < cfg.steps:
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                _save_checkpoint(state, ckpt_dir, step, me)
+        if me < cfg.workers:
+            _start(cfg, state, store, run, ckpt_dir)
+        else:
+            entered = _join(cfg, state, store, run)
+            if entered is None:
+                return {"rank": me, "joined": False}
+            reconfigs.append(entered)
+        saved = run.step if cfg.resume else -1
+        snap = prev_snap = state.snapshot()
+        while run.step < cfg.steps:
+            step_walls[run.step] = time.time()
+            if dist.get_rank() == 0 and run.step == cfg.join_at_step:
+                store.set("join_open", "1")
+            if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0 and run.step != saved:
+                tic = time.perf_counter()
+                _save_checkpoint(state, ckpt_dir, run.step, me)
+                checkpoint_s.append(time.perf_counter() - tic)
+                saved = run.step
             prev_snap, snap = snap, state.snapshot()
             try:
-                loss, grads = _step(cfg, state, rows, corpus, step, loads, me, store)
+                loss, grads, joins = _step(cfg, state, run, corpus, store)
             except RuntimeError as exc:
                 caught = time.time()
-                log.info("rank %d: step %d failed: %s", me, step, str(exc).splitlines()[0])
+                log.info("rank %d: step %d failed: %s", me, run.step, str(exc).splitlines()[0])
                 _clear_grads(state)
-                outcome = _recover(
-                    cfg, state, store, members, gen, rows, loads, step, snap, prev_snap, ckpt_dir
-                )
+                killed = [float(store.get(k)) for k in _killed_keys(store, cfg)]
+                if cfg.on_failure == "abort":
+                    with contextlib.suppress(RuntimeError):
+                        dist.destroy_process_group()
+                    return {
+                        "rank": me, "aborted_at_step": run.step, "caught": caught,
+                        "killed": max(killed) if killed else None, "step_walls": step_walls,
+                    }  # fmt: skip
+                outcome = _recover(cfg, state, store, run, snap, prev_snap, ckpt_dir)
                 if outcome is None:
                     return {"rank": me, "evicted": True}
-                killed = [float(store.get(k)) for k in _killed_keys(store, cfg)]
-                outcome["report"]["detection_s"] = caught - max(killed) if killed else None
-                outcome["report"]["regroup_s"] = outcome["regrouped"] - caught
-                members, rows, step = outcome["members"], outcome["rows"], outcome["step"]
-                gen += 1
-                reconfigs.append(outcome["report"])
+                report = outcome["report"]
+                report["at"] = caught
+                report["detection_s"] = caught - max(killed) if killed else None
+                report["killed_wall"] = max(killed) if killed else None
+                report["regroup_s"] = outcome["regrouped"] - caught
+                reconfigs.append(report)
                 if cfg.return_states and "pre_failure" not in extra:
                     extra["pre_failure"] = outcome["pre_failure"]
                     extra["post_recovery"] = state.snapshot()
@@ -561,20 +816,36 @@ def train_rank(corpus: torch.Tensor, cfg: LazarusConfig) -> dict[str, Any]:
                 continue
             _clear_grads(state)
             state.adam(grads, cfg.lr)
-            losses[step] = loss
+            losses[run.step] = loss
             executed += 1
-            step += 1
+            run.step += 1
+            if run.step >= cfg.steps:
+                break
+            if joins > run.admitted:
+                reconfigs.append(_grow(cfg, state, store, run, joins))
+                snap = state.snapshot()
+            elif cfg.reallocate_every and run.step % cfg.reallocate_every == 0:
+                reconfigs.append(_rebalance(cfg, state, store, run))
+                snap = state.snapshot()
+        if dist.get_rank() == 0:
+            store.set("done", "1")
     finally:
         stop.set()
+        del anchor
+    if cfg.return_states:
+        extra["final"] = state.snapshot()
     return {
         "rank": me,
-        "members": members,
+        "members": run.members,
         "losses": [losses[s] for s in sorted(losses)],
-        "steps": step,
+        "first_step": min(losses, default=run.step),
+        "steps": run.step,
         "steps_executed": executed,
         "seconds": time.perf_counter() - started,
+        "step_walls": step_walls,
+        "checkpoint_s": checkpoint_s,
         "reconfigurations": reconfigs,
-        "placement": rows,
+        "placement": run.rows,
         "held": sorted(state.experts),
         **extra,
     }
@@ -589,45 +860,34 @@ def _recover(
     cfg: LazarusConfig,
     state: _State,
     store: dist.Store,
-    members: list[int],
-    gen: int,
-    rows: list[list[int]],
-    loads: torch.Tensor,
-    step: int,
+    run: _Run,
     snap: dict[str, Any],
     prev_snap: dict[str, Any],
     ckpt_dir: Path,
 ) -> dict[str, Any] | None:
-    me = members[dist.get_rank()]
+    """Survivors of a failed step: agree, regroup, roll back, re-plan, move or reload."""
+    me, members, gen = run.me, run.members, run.gen + 1
     with contextlib.suppress(RuntimeError):
         dist.destroy_process_group()
-    survivors = _agree_members(store, gen + 1, members, me, cfg.liveness_window)
+    survivors = _agree_members(store, gen, members, me, cfg.liveness_window)
     if me not in survivors:
         return None
-    _init_group(store, gen + 1, survivors.index(me), len(survivors), cfg.collective_timeout)
+    _init_group(store, gen, survivors.index(me), len(survivors), cfg.collective_timeout)
     # A rank whose all-reduce finished applied the step; everyone goes back to the minimum.
-    done = torch.tensor([step], dtype=torch.int64)
+    done = torch.tensor([run.step], dtype=torch.int64)
     dist.all_reduce(done, op=dist.ReduceOp.MIN)
     target = int(done)
-    if target < step:
-        state.restore(prev_snap)
-        pre_failure = prev_snap
-    else:
-        state.restore(snap)
-        pre_failure = snap
+    pre_failure = prev_snap if target < run.step else snap
+    state.restore(pre_failure)
     regrouped = time.time()
     start = time.perf_counter()
-    held = _held(rows, members)
-    held = {m: h for m, h in held.items() if m in survivors}
     if dist.get_rank() == 0:
-        plan = _plan(cfg, survivors, held, loads)
-        store.set(f"plan/{gen + 1}", json.dumps(plan))
-    plan = json.loads(store.get(f"plan/{gen + 1}"))
-    new_rows = plan["rows"]
-    mine = [new_rows[layer][survivors.index(me)] for layer in range(cfg.layers)]
+        held = {m: h for m, h in _held(run.rows, members).items() if m in survivors}
+        store.set(f"plan/{gen}", json.dumps(_plan(cfg, survivors, held, run.alloc_loads())))
+    plan = json.loads(store.get(f"plan/{gen}"))
+    mine = [plan["rows"][layer][survivors.index(me)] for layer in range(cfg.layers)]
     reloaded_step = None
-    moved = 0
-    nbytes = 0
+    moved = nbytes = 0
     if plan["lost"]:
         reloaded_step = _load_checkpoint(cfg, state, ckpt_dir, mine)
         if reloaded_step is None:
@@ -635,90 +895,91 @@ def _recover(
         log.warning("experts %s lost every replica: reloaded step %d", plan["lost"], reloaded_step)
         target = reloaded_step
     else:
-        ops = []
-        incoming: list[tuple[int, int, torch.Tensor]] = []
-        for src, dst, layer, e in plan["transfers"]:
-            tag = layer * cfg.experts + e
-            if src == me:
-                ops.append(dist.isend(state.expert_vector(layer, e), survivors.index(dst), tag=tag))
-            elif dst == me:
-                buf = torch.empty(3 * cfg.model.expert_numel)
-                ops.append(dist.irecv(buf, survivors.index(src), tag=tag))
-                incoming.append((layer, e, buf))
-            moved += 1
-            nbytes += 3 * cfg.model.expert_numel * 4
-        for op in ops:
-            op.wait()
-        for layer, e, buf in incoming:
-            state.set_expert_vector(cfg.model, layer, e, buf)
-        keep = {(layer, e) for layer in range(cfg.layers) for e in mine[layer]}
-        for key in list(state.experts):
-            if key not in keep:
-                state.drop_expert(*key)
+        moved, nbytes = _move_experts(cfg, state, plan, survivors, me)
     dist.barrier()
     report = {
-        "step": step,
+        "kind": "failure",
+        "id": f"g{gen}",
+        "step": run.step,
         "resumed_at_step": target,
         "members_before": members,
         "members_after": survivors,
         "transfer_s": time.perf_counter() - start,
+        "resumed_wall": time.time(),
         "replicas_moved": moved,
         "bytes_moved": nbytes,
+        "replicas": plan["replicas"],
         "checkpoint_reload": reloaded_step is not None,
         "lost_experts": plan["lost"],
         "min_replicas_relaxed": plan["relaxed"],
     }
-    return {
-        "members": survivors,
-        "rows": new_rows,
-        "step": target,
-        "regrouped": regrouped,
-        "report": report,
-        "pre_failure": pre_failure,
-    }
+    run.members, run.gen, run.rows, run.step = survivors, gen, plan["rows"], target
+    run.mark = run.loads.clone()
+    return {"regrouped": regrouped, "report": report, "pre_failure": pre_failure}
 
 
-def train(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> dict[str, Any]:
-    """Run Lazarus on ``cfg.workers`` local gloo ranks; return the report (no tensors)."""
+def run_job(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> list[Any]:
+    """Run ``cfg.workers + cfg.joiners`` local gloo ranks; their raw results (None if killed)."""
     from thrifty.bench.launch import run_ranks
 
     if corpus is None:
         corpus = sharegpt_corpus(cfg.corpus_tokens, cfg.vocab)
-    with tempfile.TemporaryDirectory(prefix="lazarus-ckpt-") as tmp:
-        cfg_run = cfg if cfg.checkpoint_dir else _replace(cfg, checkpoint_dir=tmp)
-        started = time.perf_counter()
-        results = run_ranks(
+    with contextlib.ExitStack() as stack:
+        if not cfg.checkpoint_dir:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lazarus-ckpt-"))
+            cfg = _replace(cfg, checkpoint_dir=tmp)
+        return run_ranks(
             train_rank,
-            cfg.workers,
+            cfg.workers + cfg.joiners,
             corpus,
-            cfg_run,
+            cfg,
             may_die=cfg.kill_ranks,
             timeout=max(120.0, cfg.steps * 3.0),
         )
-        wall = time.perf_counter() - started
-    return summarize(cfg, results, wall)
+
+
+def train(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> dict[str, Any]:
+    """Run Lazarus on local gloo ranks and return the JSON report (see :func:`summarize`)."""
+    started = time.perf_counter()
+    results = run_job(cfg, corpus)
+    return summarize(cfg, results, time.perf_counter() - started)
 
 
 def _replace(cfg: LazarusConfig, **changes: Any) -> LazarusConfig:
     return LazarusConfig(**{**asdict(cfg), **changes})
 
 
+_TIMES = ("detection_s", "regroup_s", "transfer_s")
+
+
 def summarize(cfg: LazarusConfig, results: list[Any], wall: float) -> dict[str, Any]:
-    """The JSON report from the ranks' results (survivors only; killed ranks return None)."""
-    alive = [r for r in results if r is not None and not r.get("evicted")]
+    """The JSON report from the ranks' results.
+
+    Killed ranks return None, evicted ones and joiners never admitted say so;
+    the rest are the final members. A reconfiguration's times are the slowest
+    rank's; ``total_s`` runs from the kill to the moment every survivor
+    resumed training (failures) or is the sum of the parts (joins, rebalances).
+    """
+    alive = [r for r in results if r is not None and "members" in r]
     if not alive:
         raise RuntimeError("no rank survived")
-    first = alive[0]
+    first = min(alive, key=lambda r: r["first_step"])  # an original member: it saw every step
+    by_id: dict[str, list[dict[str, Any]]] = {}
+    for r in alive:
+        for rec in r["reconfigurations"]:
+            by_id.setdefault(rec["id"], []).append(rec)
     reconfigs = []
-    for i, rec in enumerate(first["reconfigurations"]):
-        per_rank = [r["reconfigurations"][i] for r in alive]
-        merged = dict(rec)
-        for key in ("detection_s", "regroup_s", "transfer_s"):
-            values = [p[key] for p in per_rank if p[key] is not None]
+    for copies in sorted(by_id.values(), key=lambda c: min(x["at"] for x in c)):
+        merged = {k: v for k, v in copies[0].items() if k not in ("at", "resumed_wall")}
+        for key in _TIMES:
+            values = [c[key] for c in copies if c[key] is not None]
             merged[key] = max(values) if values else None
-        merged["total_s"] = sum(
-            merged[k] or 0.0 for k in ("detection_s", "regroup_s", "transfer_s")
-        )
+        resumed = [c["resumed_wall"] for c in copies if c.get("resumed_wall") is not None]
+        if resumed and merged.get("killed_wall") is not None:
+            merged["total_s"] = max(resumed) - merged["killed_wall"]
+        else:
+            merged["total_s"] = sum(merged[k] or 0.0 for k in _TIMES)
+        merged.pop("killed_wall", None)
         reconfigs.append(merged)
     return {
         "config": {k: v for k, v in asdict(cfg).items() if k != "return_states"},
@@ -727,6 +988,8 @@ def summarize(cfg: LazarusConfig, results: list[Any], wall: float) -> dict[str, 
         "final_members": first["members"],
         "loss": first["losses"],
         "reconfigurations": reconfigs,
+        "joins": sum(r["kind"] == "join" for r in reconfigs),
+        "rebalances": sum(r["kind"] == "rebalance" for r in reconfigs),
         "replicas_moved": sum(r["replicas_moved"] for r in reconfigs),
         "checkpoint_reloads": sum(r["checkpoint_reload"] for r in reconfigs),
         "final_placement": first["placement"],
