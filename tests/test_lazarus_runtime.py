@@ -194,3 +194,25 @@ def test_periodic_reallocation_follows_the_recent_token_loads() -> None:
             expected = allocate_replicas(loads, cfg.workers, cfg.slots, cfg.min_replicas)
             assert rec["replicas"][layer] == list(expected.replicas)
     assert report["final_placement"] == results[0]["placement"]
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_distributed_loss_equals_a_full_forward_with_every_expert_local(top_k: int) -> None:
+    import torch.nn.functional as F
+
+    from thrifty.lazarus.moe import MoEGPT, init_expert, local_moe
+    from thrifty.lazarus.runtime import _batch
+
+    cfg = LazarusConfig(workers=3, slots=2, experts=4, top_k=top_k, vocab=512, steps=1)
+    (result, *_) = _run(cfg)
+    torch.manual_seed(cfg.seed)
+    model = MoEGPT(cfg.model)
+    experts = [[init_expert(cfg.model, layer, e, cfg.seed) for e in range(cfg.experts)]
+               for layer in range(cfg.layers)]  # fmt: skip
+    losses = []
+    for rank in range(cfg.workers):
+        x, y = _batch(_corpus(), cfg, 0, rank, cfg.workers)
+        logits, balance = model(x, local_moe(experts))
+        losses.append(F.cross_entropy(logits.reshape(-1, cfg.vocab), y.reshape(-1)).item())
+        assert 0.0 < balance.item() <= cfg.experts
+    assert result["losses"][0] == pytest.approx(sum(losses) / len(losses), abs=1e-5)

@@ -123,7 +123,14 @@ class _Block(nn.Module):
 
 
 class MoEGPT(nn.Module):
-    """The dense part of a GPT with an MoE feed-forward in every block (top-1 or top-2 gating)."""
+    """The dense part of a GPT with an MoE feed-forward in every block (top-1 or top-2 gating).
+
+    Top-1 weighs an expert's output by its gate probability (Switch), so the
+    gate learns; top-2 renormalises the two probabilities (GShard). The
+    forward also returns Switch's load-balancing loss, ``E * sum_e f_e P_e``
+    averaged over layers (``f_e`` the share of routed pairs, ``P_e`` the mean
+    gate probability of expert ``e``): 1 when uniform, ``E`` when collapsed.
+    """
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
@@ -135,17 +142,23 @@ class MoEGPT(nn.Module):
         nn.init.normal_(self.tok.weight, std=0.02)
         nn.init.normal_(self.pos.weight, std=0.02)
 
-    def forward(self, idx: torch.Tensor, moe: MoEFn) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, moe: MoEFn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[b, t, vocab]`` and the load-balancing loss (a scalar)."""
         b, t = idx.shape
+        k, experts = self.cfg.top_k, self.cfg.experts
         x = self.tok(idx) + self.pos(torch.arange(t))
+        balance = x.new_zeros(())
         for layer, block in enumerate(self.blocks):
             x = x + block.attention(x)
             h = block.ln2(x).reshape(b * t, -1)
             probs = F.softmax(block.gate(h), dim=-1)
-            weights, expert_ids = probs.topk(self.cfg.top_k, dim=-1)
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights, expert_ids = probs.topk(k, dim=-1)
+            if k > 1:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            share = F.one_hot(expert_ids, experts).sum(dim=1).float().mean(dim=0) / k
+            balance = balance + experts * (share * probs.mean(dim=0)).sum()
             x = x + moe(layer, h, expert_ids, weights).reshape(b, t, -1)
-        return self.ln_f(x) @ self.tok.weight.t()
+        return self.ln_f(x) @ self.tok.weight.t(), balance / len(self.blocks)
 
 
 def local_moe(experts: Sequence[Sequence[dict[str, torch.Tensor]]]) -> MoEFn:

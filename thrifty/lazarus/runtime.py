@@ -99,6 +99,8 @@ class LazarusConfig:
             rank gives up; bounds detection for ranks not directly connected.
         liveness_window: seconds a heartbeat counter must stand still to
             declare its rank dead.
+        balance_coef: weight of the gate's load-balancing loss (Switch's 0.01);
+            the reported loss is the cross-entropy alone.
         checkpoint_every: periodic checkpoint interval in steps (0: never),
             used only when some expert lost every replica.
         joiners / join_at_step: extra processes that ask to join once the
@@ -123,6 +125,7 @@ class LazarusConfig:
     batch: int = 4
     steps: int = 40
     lr: float = 3e-3
+    balance_coef: float = 0.01
     min_replicas: int = 2
     kill_ranks: tuple[int, ...] = ()
     kill_at_step: int = -1
@@ -511,12 +514,12 @@ def _step(
         return y
 
     x, y = _batch(corpus, cfg, run.step, rank, world)
-    logits = state.model(x, moe)
+    logits, balance = state.model(x, moe)
     loss = F.cross_entropy(logits.reshape(-1, mcfg.vocab), y.reshape(-1))
     if run.me in cfg.kill_ranks and run.step == cfg.kill_at_step:
         store.set(f"killed_at/{run.me}", repr(time.time()))
         os.kill(os.getpid(), signal.SIGKILL)
-    loss.backward()
+    (loss + cfg.balance_coef * balance).backward()
     dense = [p for _, p in state.model.named_parameters()]
     table = torch.zeros(cfg.layers, cfg.experts, mcfg.expert_numel)
     for (layer, e), params in state.experts.items():
