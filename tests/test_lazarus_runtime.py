@@ -216,3 +216,19 @@ def test_distributed_loss_equals_a_full_forward_with_every_expert_local(top_k: i
         losses.append(F.cross_entropy(logits.reshape(-1, cfg.vocab), y.reshape(-1)).item())
         assert 0.0 < balance.item() <= cfg.experts
     assert result["losses"][0] == pytest.approx(sum(losses) / len(losses), abs=1e-5)
+
+
+def test_a_replacement_joins_after_a_failure() -> None:
+    # The spot-instance pattern: a node dies, a new one arrives later and takes replicas.
+    cfg = LazarusConfig(
+        workers=4, slots=3, experts=6, vocab=512, steps=12, kill_ranks=(2,), kill_at_step=4,
+        joiners=1, join_at_step=7, return_states=True,
+    )  # fmt: skip
+    results = _run(cfg)
+    assert results[2] is None
+    _check_replicas_agree(results, cfg)
+    report = summarize(cfg, results, 0.0)
+    kinds = [(r["kind"], r["members_after"]) for r in report["reconfigurations"]]
+    assert kinds == [("failure", [0, 1, 3]), ("join", [0, 1, 3, 4])]
+    assert report["final_members"] == [0, 1, 3, 4] and report["checkpoint_reloads"] == 0
+    assert results[4]["held"] and report["steps_done"] == cfg.steps

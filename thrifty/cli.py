@@ -797,23 +797,34 @@ def lazarus_train(
     kill_rank: Annotated[str, typer.Option(help="Comma-separated ranks to kill -9.")] = "2",
     kill_at_step: Annotated[int, typer.Option(help="Step whose forward ends in the kill.")] = 20,
     checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 10,
+    joiners: Annotated[int, typer.Option(help="New ranks that join during the run.")] = 0,
+    join_at_step: Annotated[int, typer.Option(help="Step at which joiners ask in.")] = -1,
+    reallocate_every: Annotated[
+        int, typer.Option(help="Re-plan replicas from recent token loads every K steps (0: off).")
+    ] = 0,
 ) -> None:
     """Train a small MoE GPT on ShareGPT, kill ranks mid-step, recover without reload."""
     from thrifty.bench.results import write_json
     from thrifty.lazarus.runtime import LazarusConfig, train
 
-    cfg = LazarusConfig(
-        workers=workers, slots=slots, experts=experts, top_k=top_k, steps=steps,
-        kill_ranks=tuple(_int_list(kill_rank)), kill_at_step=kill_at_step,
-        checkpoint_every=checkpoint_every,
-    )  # fmt: skip
+    try:
+        cfg = LazarusConfig(
+            workers=workers, slots=slots, experts=experts, top_k=top_k, steps=steps,
+            kill_ranks=tuple(_int_list(kill_rank)), kill_at_step=kill_at_step,
+            checkpoint_every=checkpoint_every, joiners=joiners, join_at_step=join_at_step,
+            reallocate_every=reallocate_every,
+        )  # fmt: skip
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
     report = train(cfg)
     path = write_json("lazarus_train", report)
     table = Table(title=f"Lazarus: {workers} ranks, kill {kill_rank} at step {kill_at_step}")
-    for column in ("step", "members", "detect s", "regroup s", "transfer s", "moved", "reload"):
+    for column in ("kind", "step", "members", "detect s", "regroup s", "transfer s", "moved",
+                   "reload"):  # fmt: skip
         table.add_column(column)
     for rec in report["reconfigurations"]:
         table.add_row(
+            rec["kind"],
             str(rec["step"]),
             f"{rec['members_before']} -> {rec['members_after']}",
             f"{rec['detection_s']:.3f}" if rec["detection_s"] is not None else "-",

@@ -297,22 +297,27 @@ def marconi_stop() -> TourStop:
 
 
 def lazarus_stop() -> TourStop:
-    """Train a 4-rank MoE, kill -9 one rank mid-step, recover without a checkpoint reload."""
+    """Train a 4-rank MoE, kill -9 a rank mid-step, recover without reload, admit a new rank."""
     from thrifty.lazarus.runtime import LazarusConfig, train
 
     start = time.perf_counter()
-    cfg = LazarusConfig(workers=4, slots=3, experts=6, steps=12, kill_ranks=(2,), kill_at_step=6)
+    cfg = LazarusConfig(
+        workers=4, slots=3, experts=6, steps=14, kill_ranks=(2,), kill_at_step=6, joiners=1,
+        join_at_step=9,
+    )  # fmt: skip
     report = train(cfg)
-    (rec,) = report["reconfigurations"]
+    failure, join = report["reconfigurations"]
     loss = report["loss"]
     return TourStop(
         "Lazarus (resilient MoE)",
         "MoE GPT (2 layers x 6 experts, top-2) on ShareGPT, 4 gloo ranks x 3 slots; "
-        "rank 2 SIGKILLed after the forward of step 6",
-        f"recovered on ranks {rec['members_after']}: detect {rec['detection_s']:.2f} s + "
-        f"regroup {rec['regroup_s']:.2f} s + transfer {rec['transfer_s']:.2f} s, "
-        f"{rec['replicas_moved']} replicas moved, checkpoint reloads "
-        f"{report['checkpoint_reloads']}; loss {loss[0]:.2f} -> {loss[-1]:.2f} over "
+        "rank 2 SIGKILLed after the forward of step 6; a new rank asks in at step 9",
+        f"recovered on ranks {failure['members_after']}: detect {failure['detection_s']:.2f} s + "
+        f"regroup {failure['regroup_s']:.2f} s + transfer {failure['transfer_s']:.2f} s, "
+        f"{failure['replicas_moved']} replicas moved, checkpoint reloads "
+        f"{report['checkpoint_reloads']}; rank {join['members_after'][-1]} joined at step "
+        f"{join['step']} ({join['replicas_moved']} replicas moved in {join['total_s']:.2f} s); "
+        f"loss {loss[0]:.2f} -> {loss[-1]:.2f} over "
         f"{report['steps_done']} steps",
         time.perf_counter() - start,
     )
