@@ -41,7 +41,13 @@ from thrifty.bench import cluster as cl
 from thrifty.bench import netem
 from thrifty.bench.models import build_model, count_parameters
 from thrifty.bench.results import results_dir, write_json
-from thrifty.bench.training import BATCH, DEFAULT_OPTIONS, PLANNER_OPTIONS, _loss
+from thrifty.bench.training import (
+    BATCH,
+    DEFAULT_OPTIONS,
+    PLANNER_OPTIONS,
+    _loss,
+    time_iterations,
+)
 from thrifty.dist import GradientSync, Group, Plan, Strategy, Topology
 from thrifty.dist.engine import get_planner
 from thrifty.dist.profile import Profile, profile_model
@@ -140,22 +146,7 @@ def _time_config(
         **BATCH[model_name], generator=torch.Generator().manual_seed(dist.get_rank())
     )
     wrapped, sync = _wrap(config, model, k, topology)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    tuner = sync.iteration_callbacks[0] if sync and sync.iteration_callbacks else None
-    search = 0
-    while tuner is not None and tuner.chosen is None and search < 100:
-        opt.zero_grad(set_to_none=True)
-        _loss(model_name, wrapped, batch).backward()
-        opt.step()
-        search += 1
-    times = []
-    for i in range(warmup + iters):
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        _loss(model_name, wrapped, batch).backward()
-        opt.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
+    times, search = time_iterations(model_name, wrapped, sync, batch, warmup, iters)
     return times, sync, search
 
 

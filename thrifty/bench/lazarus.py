@@ -46,7 +46,6 @@ with two plots.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import statistics
@@ -363,9 +362,12 @@ def recovery_vs_restart(
         "warm_relaunch": _warm_relaunch,
     }
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in RECOVERY_SYSTEMS}
+    failed_launches: list[str] = []
     for _ in tqdm(range(repeats), desc="lazarus bench: recoveries", file=sys.stderr):
         for name in RECOVERY_SYSTEMS:
-            runs[name].append(measure[name](cfg, corpus))
+            runs[name].append(
+                _measure_once_more_on_failure(measure[name], cfg, corpus, failed_launches)
+            )
     median = {
         name: {k: _median([r[k] for r in rs]) for k, v in rs[0].items() if isinstance(v, float)}
         for name, rs in runs.items()
@@ -382,7 +384,28 @@ def recovery_vs_restart(
         "speedup": speedup,
         "elements_lost": max(r["elements_lost"] for r in runs["lazarus"]),
         "checkpoint_reloads": sum(r["checkpoint_reload"] for r in runs["lazarus"]),
+        "failed_launches": failed_launches,
     }
+
+
+def _measure_once_more_on_failure(
+    measure: Any, cfg: LazarusConfig, corpus: torch.Tensor, failures: list[str]
+) -> dict[str, Any]:
+    """One measurement; a job that fails to start is tried once more and recorded.
+
+    Rarely (about 2 launches in 30 here) gloo's start-up mesh fails with
+    "Connection closed by peer" while many processes start on 2 cores; that
+    says nothing about recovery, so the measurement is retried, visibly.
+    """
+    from thrifty.bench.cluster import ClusterJobFailed
+    from thrifty.bench.launch import RankFailure
+
+    try:
+        return measure(cfg, corpus)
+    except (RankFailure, ClusterJobFailed) as exc:
+        failures.append(f"{measure.__name__}: {str(exc).strip().splitlines()[-1][:200]}")
+        log.warning("a %s job failed to run; measuring once more", measure.__name__)
+        return measure(cfg, corpus)
 
 
 def _lazarus_recovery(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any]:
@@ -423,16 +446,16 @@ def _torchrun_restart(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any
         torch.save(corpus, corpus_path)
         job = _replace(cfg, on_failure="abort", checkpoint_dir=f"{tmp}/ckpt", return_states=False)
         config = {**asdict(job), "kill_ranks": list(job.kill_ranks)}
-        spec = {"config": config, "corpus": corpus_path, "report_dir": tmp}
+        spec = {"config": config, "corpus": corpus_path}
         results = run_torchrun(
             None, cfg.workers, "thrifty.lazarus.worker", spec, timeout=max(120.0, cfg.steps * 3.0),
             max_restarts=1,
         )  # fmt: skip
-        aborted = [json.loads(p.read_text()) for p in Path(tmp).glob("aborted*.json")]
-    if not aborted or any(r["attempt"] != 1 for r in results):
+        killed = max(float(p.read_text()) for p in Path(tmp, "ckpt").glob("killed*.txt"))
+    if any(r["attempt"] != 1 for r in results):
         raise RuntimeError("torchrun did not restart the job after the kill")
     walls = {int(k): v for k, v in results[0]["step_walls"].items()}
-    killed, resumed_at = aborted[0]["killed"], min(walls)
+    resumed_at = min(walls)
     started = max(r["process_started"] for r in results)
     return {
         "total_s": walls[cfg.kill_at_step] - killed,
@@ -481,7 +504,7 @@ def plot_recovery(result: dict[str, Any], path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = plt.subplots(figsize=(9.5, 3.5))
     for i, name in enumerate(RECOVERY_SYSTEMS):
         skip = ("total_s", "step_s", "checkpoint_s")
         parts = {k: v for k, v in result["median"][name].items() if k not in skip}
@@ -492,7 +515,7 @@ def plot_recovery(result: dict[str, Any], path: str | Path) -> Path:
         ax.text(result["median"][name]["total_s"], i, f" {result['median'][name]['total_s']:.2f} s")
     ax.set_yticks(range(len(RECOVERY_SYSTEMS)), RECOVERY_SYSTEMS)
     ax.set_xlabel("seconds from kill -9 to training the failed step again (median)")
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = Path(path)
     fig.savefig(out, dpi=110)

@@ -97,6 +97,38 @@ def _loss(model_name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Te
     return F.cross_entropy(model(x), y)
 
 
+def time_iterations(
+    model_name: str,
+    wrapped: nn.Module,
+    sync: GradientSync | None,
+    batch: tuple[torch.Tensor, torch.Tensor],
+    warmup: int,
+    iters: int,
+) -> tuple[list[float], int]:
+    """Seconds of each of ``iters`` SGD iterations after ``warmup``, and the tuner's iterations.
+
+    A MergeComp tuner (the sync's first iteration callback) first searches to
+    the end, at most 100 iterations, so that only the chosen plan is timed.
+    """
+    opt = torch.optim.SGD(wrapped.parameters(), lr=1e-3, momentum=0.9)
+    tuner = sync.iteration_callbacks[0] if sync and sync.iteration_callbacks else None
+    search = 0
+    while tuner is not None and tuner.chosen is None and search < 100:
+        opt.zero_grad(set_to_none=True)
+        _loss(model_name, wrapped, batch).backward()
+        opt.step()
+        search += 1
+    times = []
+    for i in range(warmup + iters):
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        _loss(model_name, wrapped, batch).backward()
+        opt.step()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return times, search
+
+
 def _wrap(config: dict[str, Any], model: nn.Module) -> tuple[nn.Module, GradientSync | None]:
     if config["kind"] == "ddp":
         return DDP(model), None
@@ -159,22 +191,8 @@ def _rank_benchmark(
         torch.manual_seed(0)
         model = build_model(model_name)
         wrapped, sync = _wrap(config, model)
-        opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         tuner = sync.iteration_callbacks[0] if sync and sync.iteration_callbacks else None
-        search_iters = 0
-        while tuner is not None and tuner.chosen is None and search_iters < 100:
-            opt.zero_grad(set_to_none=True)
-            _loss(model_name, wrapped, batch).backward()
-            opt.step()
-            search_iters += 1
-        times = []
-        for i in range(warmup + iters):
-            start = time.perf_counter()
-            opt.zero_grad(set_to_none=True)
-            _loss(model_name, wrapped, batch).backward()
-            opt.step()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+        times, search_iters = time_iterations(model_name, wrapped, sync, batch, warmup, iters)
         slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
         dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
         row: dict[str, Any] = {**config, "iteration_s": slowest.item(), "times": times}

@@ -94,7 +94,8 @@ class LazarusConfig:
         min_replicas: ``f``, replicas per expert on distinct nodes (relaxed
             when fewer slots remain, see :func:`allocate_replicas`).
         kill_ranks / kill_at_step: these ranks SIGKILL themselves after the
-            forward of that step (a real process death mid-step).
+            forward of that step (a real process death mid-step), noting the
+            time in the store and in ``checkpoint_dir/killed<rank>.txt``.
         collective_timeout: seconds before a collective waiting for a dead
             rank gives up; bounds detection for ranks not directly connected.
         liveness_window: seconds a heartbeat counter must stand still to
@@ -517,7 +518,11 @@ def _step(
     logits, balance = state.model(x, moe)
     loss = F.cross_entropy(logits.reshape(-1, mcfg.vocab), y.reshape(-1))
     if run.me in cfg.kill_ranks and run.step == cfg.kill_at_step:
-        store.set(f"killed_at/{run.me}", repr(time.time()))
+        now = repr(time.time())
+        store.set(f"killed_at/{run.me}", now)
+        if cfg.checkpoint_dir:  # outlives the store, for a restarted job to read
+            Path(cfg.checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            (Path(cfg.checkpoint_dir) / f"killed{run.me}.txt").write_text(now)
         os.kill(os.getpid(), signal.SIGKILL)
     (loss + cfg.balance_coef * balance).backward()
     dense = [p for _, p in state.model.named_parameters()]

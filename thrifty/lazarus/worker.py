@@ -14,9 +14,7 @@ import time
 
 STARTED = time.time()  # before the imports: a restart's interpreter start-up is part of its cost
 
-import json  # noqa: E402
 import os  # noqa: E402
-from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
 import torch  # noqa: E402
@@ -26,12 +24,7 @@ from thrifty.lazarus.runtime import LazarusConfig, train_rank  # noqa: E402
 
 
 def run(spec: dict[str, Any]) -> dict[str, Any]:
-    """One rank: train (or resume), return the JSON-able result with its timestamps.
-
-    A rank of the first attempt that aborts on the failure also leaves
-    ``aborted<rank>.json`` (with the kill's time) in ``spec["report_dir"]``,
-    since the restarted attempt overwrites the results and has a fresh store.
-    """
+    """One rank: train (or resume), return the JSON-able result with its timestamps."""
     fields = dict(spec["config"])
     fields["kill_ranks"] = tuple(fields["kill_ranks"])
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
@@ -40,12 +33,8 @@ def run(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = LazarusConfig(**fields)
     corpus = torch.load(spec["corpus"])
     result = train_rank(corpus, cfg, namespace=f"lazarus-attempt{attempt}")
-    result = {**result, "attempt": attempt, "process_started": STARTED}
     result.pop("held", None)
-    if "aborted_at_step" in result and "report_dir" in spec:
-        path = Path(spec["report_dir"]) / f"aborted{os.environ['RANK']}.json"
-        path.write_text(json.dumps(result))
-    return result
+    return {**result, "attempt": attempt, "process_started": STARTED}
 
 
 if __name__ == "__main__":
