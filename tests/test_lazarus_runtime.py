@@ -31,19 +31,24 @@ def _run(cfg: LazarusConfig) -> list:
     return run_ranks(train_rank, world, _corpus(), cfg, may_die=cfg.kill_ranks, timeout=120)
 
 
+def _agreed_state(alive: list, key: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Every rank's ``r[key]`` snapshot merged by name; copies held twice must be equal."""
+    ref: dict[str, dict[str, torch.Tensor]] = {"p": {}, "m": {}, "v": {}}
+    for r in alive:
+        for kind in ref:
+            for name, tensor in r[key][kind].items():
+                if name in ref[kind]:
+                    assert torch.equal(ref[kind][name], tensor), f"replicas disagree on {name}"
+                ref[kind][name] = tensor
+    return ref
+
+
 def _check_nothing_lost(results: list, cfg: LazarusConfig) -> None:
     alive = [r for r in results if r is not None]
     assert all(not r.get("evicted") for r in alive)
     survivors = [r["rank"] for r in alive]
     assert all(r["members"] == survivors for r in alive)
-    # Reference: the step-start state of every surviving copy (all copies agree).
-    ref: dict[str, dict[str, torch.Tensor]] = {"p": {}, "m": {}, "v": {}}
-    for r in alive:
-        for kind in ref:
-            for name, tensor in r["pre_failure"][kind].items():
-                if name in ref[kind]:
-                    assert torch.equal(ref[kind][name], tensor), f"replicas disagree on {name}"
-                ref[kind][name] = tensor
+    ref = _agreed_state(alive, "pre_failure")  # the step-start state of every surviving copy
     held = set()
     for r in alive:
         post = r["post_recovery"]
@@ -135,13 +140,7 @@ def test_token_conservation_through_real_all_to_all(k: int) -> None:
 def _check_replicas_agree(results: list, cfg: LazarusConfig) -> None:
     """Final states: dense part and every expert replica (weights + Adam) equal wherever held."""
     alive = [r for r in results if r is not None and "members" in r]
-    ref: dict[str, dict[str, torch.Tensor]] = {"p": {}, "m": {}, "v": {}}
-    for r in alive:
-        for kind in ref:
-            for name, tensor in r["final"][kind].items():
-                if name in ref[kind]:
-                    assert torch.equal(ref[kind][name], tensor), f"{kind} {name} differs"
-                ref[kind][name] = tensor
+    _agreed_state(alive, "final")
     placement = alive[0]["placement"]
     for i, member in enumerate(alive[0]["members"]):
         (r,) = [r for r in alive if r["rank"] == member]

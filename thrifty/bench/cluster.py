@@ -287,9 +287,13 @@ def run_torchrun(
                  "--rdzv-id", out_dir.name]
             )  # fmt: skip
             for node in range(nodes):
+                # c10d publishes each node's address for the store its rank 0 hosts: give it
+                # the address gloo uses rather than whatever the host name resolves to.
+                here = "127.0.0.1" if cluster is None else cluster.addresses[node]
+                local = ["--local-addr", here] if max_restarts else []
                 argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
                         "--node-rank", str(node), "--nproc-per-node", str(ranks_per_node),
-                        *rendezvous, "--max-restarts", str(max_restarts),
+                        *rendezvous, *local, "--max-restarts", str(max_restarts),
                         "-m", module, job]  # fmt: skip
                 with logs[node].open("wb") as sink:
                     kwargs = {"env": env, "stdout": sink, "stderr": subprocess.STDOUT,
