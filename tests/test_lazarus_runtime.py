@@ -77,6 +77,9 @@ def test_kill_one_rank_recovers_without_reload() -> None:
     assert rec["members_after"] == [0, 1, 3] and rec["step"] == 6 and rec["resumed_at_step"] == 6
     assert not rec["checkpoint_reload"] and rec["replicas_moved"] > 0
     assert rec["detection_s"] < 5.0 and report["steps_done"] == 14
+    parts = rec["detection_s"] + rec["regroup_s"] + rec["transfer_s"]
+    assert min(rec["detection_s"], rec["regroup_s"], rec["transfer_s"]) >= 0
+    assert parts == pytest.approx(rec["total_s"])  # kill -> every survivor training again
 
 
 def test_kill_two_ranks_at_once() -> None:

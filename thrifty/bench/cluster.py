@@ -261,6 +261,12 @@ def run_torchrun(
     """
     if ranks_per_node < 1:
         raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
+    if max_restarts and cluster is not None:
+        # c10d hosts its store only where the endpoint matches the host name, which a
+        # namespace's address never does, and numbers nodes by address, not --node-rank.
+        raise ValueError("max_restarts needs cluster=None: restarts run on one node here")
+    if max_restarts < 0:
+        raise ValueError(f"max_restarts must be >= 0, got {max_restarts}")
     nodes = 1 if cluster is None else cluster.nodes
     master = "127.0.0.1" if cluster is None else cluster.addresses[0]
     env = {
@@ -287,10 +293,9 @@ def run_torchrun(
                  "--rdzv-id", out_dir.name]
             )  # fmt: skip
             for node in range(nodes):
-                # c10d publishes each node's address for the store its rank 0 hosts: give it
-                # the address gloo uses rather than whatever the host name resolves to.
-                here = "127.0.0.1" if cluster is None else cluster.addresses[node]
-                local = ["--local-addr", here] if max_restarts else []
+                # c10d publishes the address of the store worker 0 hosts: give it the
+                # loopback gloo uses rather than whatever the host name resolves to.
+                local = ["--local-addr", master] if max_restarts else []
                 argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
                         "--node-rank", str(node), "--nproc-per-node", str(ranks_per_node),
                         *rendezvous, *local, "--max-restarts", str(max_restarts),

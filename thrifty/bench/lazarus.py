@@ -432,7 +432,7 @@ def _lazarus_recovery(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any
         "checkpoint_reload": rec["checkpoint_reload"],
         "steps_lost": rec["step"] - rec["resumed_at_step"],
         "elements_lost": lost,
-        "step_s": _step_seconds(results[0]["step_walls"], cfg.kill_at_step),
+        "step_s": _step_seconds(survivors[0]["step_walls"], cfg.kill_at_step),
         "checkpoint_s": _median([t for r in survivors for t in r["checkpoint_s"]]),
     }
 

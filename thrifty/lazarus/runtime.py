@@ -651,7 +651,6 @@ def _start(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run, ckpt
 def _rebalance(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run) -> dict[str, Any]:
     """Periodic re-plan at a step boundary: Eq. 1 on recent loads, placement, moves."""
     at = time.time()
-    started = time.perf_counter()
     key = f"rebalance/{run.gen}/{run.step}"
     if dist.get_rank() == 0:
         plan = _plan(cfg, run.members, _held(run.rows, run.members), run.alloc_loads())
@@ -661,9 +660,9 @@ def _rebalance(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run) 
     dist.barrier()
     run.rows, run.mark = plan["rows"], run.loads.clone()
     return {
-        "kind": "rebalance", "id": key, "at": at, "step": run.step,
+        "kind": "rebalance", "id": key, "step": run.step,
         "members_before": run.members, "members_after": run.members,
-        "detection_s": None, "regroup_s": 0.0, "transfer_s": time.perf_counter() - started,
+        "at": at, "regrouped_wall": at, "resumed_wall": time.time(),
         "replicas_moved": moved, "bytes_moved": nbytes, "replicas": plan["replicas"],
         "loads": plan["loads"], "checkpoint_reload": False, "lost_experts": [],
         "min_replicas_relaxed": plan["relaxed"],
@@ -704,10 +703,10 @@ def _join(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run) -> di
 
     if not wait_for("join_open"):
         return None
-    at = time.time()
     store.set(f"joiner/{store.add('joins', 1)}", str(run.me))
     if not wait_for(f"admit/{run.me}"):
         return None
+    at = time.time()  # the reconfiguration starts at admission, not at the request
     gen = int(store.get(f"admit/{run.me}"))
     plan = json.loads(store.get(f"plan/{gen}"))
     return _enter(cfg, state, store, run, plan, gen, at)
@@ -724,19 +723,17 @@ def _enter(
 ) -> dict[str, Any]:
     """Members and joiners together: new group, dense state from rank 0, expert moves."""
     members = plan["members"]
-    started = time.perf_counter()
     _init_group(store, gen, members.index(run.me), len(members), cfg.collective_timeout)
-    regrouped = time.perf_counter()
+    regrouped = time.time()
     _sync_dense(state, run)
     moved, nbytes = _move_experts(cfg, state, plan, members, run.me)
     dist.barrier()
     run.members, run.gen, run.rows, run.admitted = members, gen, plan["rows"], plan["admitted"]
     run.mark = run.loads.clone()
     return {
-        "kind": "join", "id": f"g{gen}", "at": at, "step": run.step,
+        "kind": "join", "id": f"g{gen}", "step": run.step,
         "members_before": plan["members_before"], "members_after": members,
-        "detection_s": None, "regroup_s": regrouped - started,
-        "transfer_s": time.perf_counter() - regrouped,
+        "at": at, "regrouped_wall": regrouped, "resumed_wall": time.time(),
         "replicas_moved": moved, "bytes_moved": nbytes, "replicas": plan["replicas"],
         "loads": plan["loads"], "checkpoint_reload": False, "lost_experts": [],
         "min_replicas_relaxed": plan["relaxed"],
@@ -783,7 +780,11 @@ def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") ->
                 return {"rank": me, "joined": False}
             reconfigs.append(entered)
         saved = run.step if cfg.resume else -1
-        snap = prev_snap = state.snapshot()
+
+        def snapshot() -> dict[str, Any]:  # what a rollback restores, token loads included
+            return {**state.snapshot(), "loads": run.loads.clone()}
+
+        snap = prev_snap = snapshot()
         while run.step < cfg.steps:
             step_walls[run.step] = time.time()
             if dist.get_rank() == 0 and run.step == cfg.join_at_step:
@@ -793,17 +794,19 @@ def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") ->
                 _save_checkpoint(state, ckpt_dir, run.step, me)
                 checkpoint_s.append(time.perf_counter() - tic)
                 saved = run.step
-            prev_snap, snap = snap, state.snapshot()
+            prev_snap, snap = snap, snapshot()
             try:
                 loss, grads, joins = _step(cfg, state, run, corpus, store)
             except RuntimeError as exc:
                 caught = time.time()
                 log.info("rank %d: step %d failed: %s", me, run.step, str(exc).splitlines()[0])
                 _clear_grads(state)
-                killed = [float(store.get(k)) for k in _killed_keys(store, cfg)]
+                planned = run.step == cfg.kill_at_step  # a later failure is not the planned kill
+                killed = [float(store.get(k)) for k in _killed_keys(store, cfg)] if planned else []
                 if cfg.on_failure == "abort":
                     with contextlib.suppress(RuntimeError):
                         dist.destroy_process_group()
+                    store.set("done", "1")  # joiners still waiting give up
                     return {
                         "rank": me, "aborted_at_step": run.step, "caught": caught,
                         "killed": max(killed) if killed else None, "step_walls": step_walls,
@@ -812,15 +815,13 @@ def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") ->
                 if outcome is None:
                     return {"rank": me, "evicted": True}
                 report = outcome["report"]
-                report["at"] = caught
-                report["detection_s"] = caught - max(killed) if killed else None
-                report["killed_wall"] = max(killed) if killed else None
-                report["regroup_s"] = outcome["regrouped"] - caught
+                report.update(at=caught, killed_wall=max(killed) if killed else None)
                 reconfigs.append(report)
                 if cfg.return_states and "pre_failure" not in extra:
                     extra["pre_failure"] = outcome["pre_failure"]
                     extra["post_recovery"] = state.snapshot()
-                snap = state.snapshot()
+                snap = snapshot()
+                saved = -1  # the rolled-back steps' checkpoints are written again
                 continue
             _clear_grads(state)
             state.adam(grads, cfg.lr)
@@ -831,10 +832,10 @@ def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") ->
                 break
             if joins > run.admitted:
                 reconfigs.append(_grow(cfg, state, store, run, joins))
-                snap = state.snapshot()
+                snap = snapshot()
             elif cfg.reallocate_every and run.step % cfg.reallocate_every == 0:
                 reconfigs.append(_rebalance(cfg, state, store, run))
-                snap = state.snapshot()
+                snap = snapshot()
         if dist.get_rank() == 0:
             store.set("done", "1")
     finally:
@@ -887,8 +888,8 @@ def _recover(
     target = int(done)
     pre_failure = prev_snap if target < run.step else snap
     state.restore(pre_failure)
+    run.loads = pre_failure["loads"].clone()
     regrouped = time.time()
-    start = time.perf_counter()
     if dist.get_rank() == 0:
         held = {m: h for m, h in _held(run.rows, members).items() if m in survivors}
         store.set(f"plan/{gen}", json.dumps(_plan(cfg, survivors, held, run.alloc_loads())))
@@ -912,7 +913,7 @@ def _recover(
         "resumed_at_step": target,
         "members_before": members,
         "members_after": survivors,
-        "transfer_s": time.perf_counter() - start,
+        "regrouped_wall": regrouped,
         "resumed_wall": time.time(),
         "replicas_moved": moved,
         "bytes_moved": nbytes,
@@ -923,7 +924,7 @@ def _recover(
     }
     run.members, run.gen, run.rows, run.step = survivors, gen, plan["rows"], target
     run.mark = run.loads.clone()
-    return {"regrouped": regrouped, "report": report, "pre_failure": pre_failure}
+    return {"report": report, "pre_failure": pre_failure}
 
 
 def run_job(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> list[Any]:
@@ -957,16 +958,18 @@ def _replace(cfg: LazarusConfig, **changes: Any) -> LazarusConfig:
     return LazarusConfig(**{**asdict(cfg), **changes})
 
 
-_TIMES = ("detection_s", "regroup_s", "transfer_s")
+_STAMPS = ("at", "regrouped_wall", "resumed_wall", "killed_wall")
 
 
 def summarize(cfg: LazarusConfig, results: list[Any], wall: float) -> dict[str, Any]:
     """The JSON report from the ranks' results.
 
     Killed ranks return None, evicted ones and joiners never admitted say so;
-    the rest are the final members. A reconfiguration's times are the slowest
-    rank's; ``total_s`` runs from the kill to the moment every survivor
-    resumed training (failures) or is the sum of the parts (joins, rebalances).
+    the rest are the final members. Each reconfiguration's parts come from
+    the ranks' wall-clock stamps, so they add up to ``total_s``: detection
+    (kill to the last rank noticing), regroup (to the last rank in the new
+    group), transfer (to the last rank training again). Joins and rebalances
+    start when the first rank starts them.
     """
     alive = [r for r in results if r is not None and "members" in r]
     if not alive:
@@ -978,16 +981,16 @@ def summarize(cfg: LazarusConfig, results: list[Any], wall: float) -> dict[str, 
             by_id.setdefault(rec["id"], []).append(rec)
     reconfigs = []
     for copies in sorted(by_id.values(), key=lambda c: min(x["at"] for x in c)):
-        merged = {k: v for k, v in copies[0].items() if k not in ("at", "resumed_wall")}
-        for key in _TIMES:
-            values = [c[key] for c in copies if c[key] is not None]
-            merged[key] = max(values) if values else None
-        resumed = [c["resumed_wall"] for c in copies if c.get("resumed_wall") is not None]
-        if resumed and merged.get("killed_wall") is not None:
-            merged["total_s"] = max(resumed) - merged["killed_wall"]
-        else:
-            merged["total_s"] = sum(merged[k] or 0.0 for k in _TIMES)
-        merged.pop("killed_wall", None)
+        merged = {k: v for k, v in copies[0].items() if k not in _STAMPS}
+        noticed = max(c["at"] for c in copies)
+        regrouped = max(c["regrouped_wall"] for c in copies)
+        resumed = max(c["resumed_wall"] for c in copies)
+        killed = copies[0].get("killed_wall")
+        began = killed if killed is not None else min(c["at"] for c in copies)
+        merged["detection_s"] = noticed - killed if killed is not None else None
+        merged["regroup_s"] = regrouped - (noticed if killed is not None else began)
+        merged["transfer_s"] = resumed - regrouped
+        merged["total_s"] = resumed - began
         reconfigs.append(merged)
     return {
         "config": {k: v for k, v in asdict(cfg).items() if k != "return_states"},

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import time
 
-STARTED = time.time()  # before the imports: a restart's interpreter start-up is part of its cost
+# After the interpreter and the package imports (``thrifty.lazarus`` imports torch), before
+# this module's own: a restart's start-up before this point is counted as relaunch time.
+STARTED = time.time()
 
 import os  # noqa: E402
 from typing import Any  # noqa: E402
