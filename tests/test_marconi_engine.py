@@ -35,15 +35,19 @@ def model(request):
     return build_model(request.param, vocab_size=VOCAB)
 
 
-_REFERENCE: dict[tuple, list[int]] = {}
+_REFERENCE: dict[tuple, tuple[object, list[int]]] = {}
 
 
 def _reference(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy outputs without a cache (memoised: the tests reuse prompts across policies)."""
+    """Greedy outputs without a cache (memoised: the tests reuse prompts across policies).
+
+    The memo holds the model too: keyed by ``id`` alone, a freed model's address can be
+    reused by the next architecture's, which then got the other model's outputs.
+    """
     key = (id(model), tuple(prompt), new_tokens)
     if key not in _REFERENCE:
-        _REFERENCE[key] = HybridEngine(model).generate(prompt, new_tokens)
-    return _REFERENCE[key]
+        _REFERENCE[key] = (model, HybridEngine(model).generate(prompt, new_tokens))
+    return _REFERENCE[key][1]
 
 
 def _words(rng: random.Random, n: int) -> list[int]:
