@@ -95,3 +95,27 @@ def test_bad_arguments() -> None:
         run_ranks(rank_sum, 0, 0.0)
     with pytest.raises(ValueError, match="timeout"):
         run_ranks(rank_sum, 2, 0.0, timeout=0)
+
+
+def test_a_failure_inside_init_process_group_is_marked_and_not_retried() -> None:
+    # No such interface: gloo fails inside init_process_group, before ``fn`` runs.
+    with pytest.raises(RankFailure) as info:
+        run_ranks(rank_sum, 2, 0.0, env={"GLOO_SOCKET_IFNAME": "nosuchnic0"}, timeout=30)
+    assert info.value.during_setup
+    assert "init_process_group" in info.value.remote_traceback
+    with pytest.raises(RankFailure) as info:
+        run_ranks(fail_on_rank_one, 3, timeout=30)
+    assert not info.value.during_setup
+
+
+def test_a_start_that_loses_a_socket_is_retried(monkeypatch, capfd) -> None:
+    from thrifty.bench import launch
+
+    # Treat the bad-interface error as a lost socket: every start fails the same
+    # way, so the harness tries _SETUP_ATTEMPTS times, says so, then raises.
+    monkeypatch.setattr(launch, "_CONNECTION_ERRORS", ("nosuchnic0",))
+    with pytest.raises(RankFailure) as info:
+        run_ranks(rank_sum, 2, 0.0, env={"GLOO_SOCKET_IFNAME": "nosuchnic0"}, timeout=30)
+    assert info.value.during_setup
+    retries = capfd.readouterr().err.count("starting them again")
+    assert retries == launch._SETUP_ATTEMPTS - 1

@@ -36,6 +36,7 @@ import pickle
 import queue
 import signal
 import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -53,16 +54,29 @@ _LOOPBACK = "127.0.0.1"
 # After the first rank fails, the others usually fail within milliseconds
 # ("Connection closed by peer"); wait this long to collect their reports too.
 _FAILURE_GRACE_S = 2.0
+# Gloo's full-mesh connect inside init_process_group now and then loses a
+# socket on a loaded 2-core machine ("Connection closed by peer" before any
+# user code ran). Such a start is retried from scratch, with a fresh store.
+_SETUP_ATTEMPTS = 3
+_CONNECTION_ERRORS = ("Connection closed by peer", "Connection reset", "connectFullMesh")
 _forkserver_preloaded = False
 
 
 class RankFailure(RuntimeError):
     """A rank raised. ``rank`` is the first rank that failed, ``remote_traceback`` its traceback."""
 
-    def __init__(self, rank: int, remote_traceback: str, others: Mapping[int, str]) -> None:
+    def __init__(
+        self,
+        rank: int,
+        remote_traceback: str,
+        others: Mapping[int, str],
+        during_setup: bool = False,
+    ) -> None:
         self.rank = rank
         self.remote_traceback = remote_traceback
         self.others = dict(others)
+        # True when the rank failed inside init_process_group, before ``fn`` ran.
+        self.during_setup = during_setup
         lines = [f"rank {rank} failed:", remote_traceback.rstrip()]
         for other, summary in sorted(self.others.items()):
             lines.append(f"(rank {other} also failed: {summary})")
@@ -128,6 +142,7 @@ def _rank_main(
     with open(stack_file, "w") as stack_out:
         # On timeout the parent sends SIGUSR1; every thread's stack goes to this file.
         faulthandler.register(signal.SIGUSR1, file=stack_out, all_threads=True)
+        status = "setup_error"
         try:
             store = dist.TCPStore(
                 _LOOPBACK, port, world_size, False, datetime.timedelta(seconds=timeout)
@@ -139,11 +154,12 @@ def _rank_main(
                 world_size=world_size,
                 timeout=datetime.timedelta(seconds=timeout),
             )
+            status = "error"
             value = fn(*args, **kwargs)
             message = (rank, "ok", pickle.dumps(value))
         except BaseException as exc:
             summary = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            message = (rank, "error", pickle.dumps((traceback.format_exc(), summary)))
+            message = (rank, status, pickle.dumps((traceback.format_exc(), summary)))
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -176,7 +192,10 @@ def run_ranks(
 
     The process group is initialised before ``fn`` runs (use ``dist.get_rank()``
     inside) and destroyed after. ``fn`` must be importable (a module-level
-    function), and its arguments and result picklable.
+    function), and its arguments and result picklable. A start whose gloo
+    connect loses a socket inside ``init_process_group`` (before ``fn`` ran, so
+    nothing of the user's happened twice) is retried on a fresh store, up to
+    ``_SETUP_ATTEMPTS`` times, with a line on stderr each time.
 
     Args:
         timeout: seconds for the whole run; also the process group's collective timeout.
@@ -198,6 +217,37 @@ def run_ranks(
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     rank_env = {"GLOO_SOCKET_IFNAME": "lo", **(env or {})}
     ctx = _context(start_method)
+    for attempt in range(1, _SETUP_ATTEMPTS + 1):
+        try:
+            return _run_once(
+                ctx, fn, world_size, args, kwargs, timeout, backend, threads_per_rank,
+                rank_env, frozenset(may_die),
+            )  # fmt: skip
+        except RankFailure as exc:
+            lost_socket = any(m in exc.remote_traceback for m in _CONNECTION_ERRORS)
+            if not (exc.during_setup and lost_socket) or attempt == _SETUP_ATTEMPTS:
+                raise
+            print(
+                f"thrifty.bench.run_ranks: gloo lost a socket while {world_size} ranks "
+                f"connected (attempt {attempt}/{_SETUP_ATTEMPTS}); starting them again",
+                file=sys.stderr,
+            )
+    raise AssertionError("unreachable")
+
+
+def _run_once(
+    ctx: Any,
+    fn: Callable[..., Any],
+    world_size: int,
+    args: tuple[Any, ...],
+    kwargs: Mapping[str, Any],
+    timeout: float,
+    backend: str,
+    threads_per_rank: int,
+    rank_env: Mapping[str, str],
+    may_die: frozenset[int],
+) -> list[Any]:
+    """One start of every rank on a fresh store; see :func:`run_ranks`."""
     store = loopback_store(world_size, timeout)
     results = ctx.Queue()
     stack_dir = tempfile.TemporaryDirectory(prefix="thrifty-ranks-")
@@ -226,7 +276,7 @@ def run_ranks(
             )
             proc.start()
             procs.append(proc)
-        return _collect(procs, results, timeout, stack_files, frozenset(may_die))
+        return _collect(procs, results, timeout, stack_files, may_die)
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -248,6 +298,7 @@ def _collect(
     world_size = len(procs)
     values: dict[int, Any] = {}
     errors: dict[int, tuple[str, str]] = {}
+    in_setup: set[int] = set()  # ranks that failed inside init_process_group
     deadline = time.monotonic() + timeout
     first_error_at: float | None = None
     while len(values) + len(errors) < world_size:
@@ -266,6 +317,8 @@ def _collect(
                 values[rank] = pickle.loads(blob)
             else:
                 errors[rank] = pickle.loads(blob)
+                if status == "setup_error":
+                    in_setup.add(rank)
         if errors and first_error_at is None:
             first_error_at = time.monotonic()
     if errors:
@@ -277,7 +330,7 @@ def _collect(
 
         primary = min(errors, key=lambda r: (is_consequence(r), r))
         others = {r: errors[r][1] for r in errors if r != primary}
-        raise RankFailure(primary, errors[primary][0], others)
+        raise RankFailure(primary, errors[primary][0], others, during_setup=primary in in_setup)
     return [values[r] for r in range(world_size)]
 
 
