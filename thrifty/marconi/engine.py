@@ -643,4 +643,12 @@ class HybridEngine:
                 layer.update_conv_state(conv, state_idx=idx)
             if rec is not None:
                 layer.update_recurrent_state(rec, state_idx=idx)
+        # transformers >= 5.25 counts a linear layer's tokens in the layer
+        # (``cumulative_length_linear``), and update_conv_state above added only
+        # the conv window; DynamicCache.get_seq_length reads layer 0, often a
+        # linear one, and Qwen3-Next builds its attention mask from it.
+        for i in self.ssm_layers:
+            length = getattr(kv_cache.layers[i], "cumulative_length_linear", None)
+            if isinstance(length, torch.Tensor):
+                length.fill_(checkpoint.position)
         return kv_cache
