@@ -19,9 +19,10 @@ from thrifty.bytecomp import (
     options,
     zero_cost_profile,
 )
-from thrifty.dist import Group, NetworkModel, Plan, Strategy, Topology
-from thrifty.dist.profile import CompressionCost, Profile, TensorProfile
-from thrifty.dist.timeline import simulate
+from thrifty.comm import NetworkModel, Topology
+from thrifty.sync import Group, Plan, Strategy
+from thrifty.sync.profile import CompressionCost, Profile, TensorProfile
+from thrifty.sync.timeline import simulate
 
 RANDOMK = Strategy.make("randomk", ratio=0.01)
 FP16 = Strategy.make("fp16")

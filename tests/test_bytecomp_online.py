@@ -10,8 +10,9 @@ from thrifty.bench import run_ranks
 from thrifty.bench.launch import RankFailure
 from thrifty.bench.models import DigitsCNN, train_digits_shard
 from thrifty.bytecomp import ByteComp, decide
-from thrifty.dist import GradientSync, NetworkModel, Topology
-from thrifty.dist.profile import profile_model
+from thrifty.comm import NetworkModel, Topology
+from thrifty.sync import GradientSync
+from thrifty.sync.profile import profile_model
 
 
 def _train(steps: int, ranks_per_node: int | None, slow_link: bool) -> dict:
@@ -69,7 +70,7 @@ def _decide_everywhere() -> dict:
     torch.manual_seed(0)
     model = DigitsCNN()
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
-    from thrifty.dist import Strategy
+    from thrifty.sync import Strategy
 
     strategy = Strategy.make("randomk", ratio=0.25)
     profile = profile_model(
@@ -81,7 +82,7 @@ def _decide_everywhere() -> dict:
     # Each rank's profile differs (timings): only decisions from one profile agree.
     shared = [profile.to_dict() if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(shared, src=0)
-    from thrifty.dist.profile import Profile
+    from thrifty.sync.profile import Profile
 
     profile = Profile.from_dict(shared[0])
     topology = Topology.single_node(NetworkModel.analytic("link", 1e8, 1e-3), 2)

@@ -16,7 +16,7 @@ from thrifty.bench.cluster import (
     emulated_cluster,
     run_torchrun,
 )
-from thrifty.dist.topology import Topology
+from thrifty.comm.topology import Topology
 
 WORKER = "thrifty.bench.cluster"
 RATE = "200mbit"

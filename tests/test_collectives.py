@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 from thrifty.bench import run_ranks
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 
 
 def _uneven(rank: int, peer: int) -> torch.Tensor:
@@ -19,8 +19,8 @@ def _uneven(rank: int, peer: int) -> torch.Tensor:
 def check_all_to_all_v() -> list[list[list[float]]]:
     rank, n = dist.get_rank(), dist.get_world_size()
     chunks = [_uneven(rank, j) for j in range(n)]
-    with C.count_bytes() as ledger:
-        got = C.all_to_all_v(chunks)
+    with collectives.count_bytes() as ledger:
+        got = collectives.all_to_all_v(chunks)
     for src in range(n):
         assert torch.equal(got[src], _uneven(src, rank)), (src, got[src])
     sent = sum(chunks[j].numel() * 4 for j in range(n) if j != rank)
@@ -28,8 +28,8 @@ def check_all_to_all_v() -> list[list[list[float]]]:
     assert ledger.ops["all_to_all_v"].wire_bytes == sent
     assert ledger.ops["size_exchange"].wire_bytes == (n - 1) * 8
     # With the receive sizes known, no size exchange is needed.
-    with C.count_bytes() as ledger2:
-        again = C.all_to_all_v(chunks, recv_sizes=[g.numel() for g in got])
+    with collectives.count_bytes() as ledger2:
+        again = collectives.all_to_all_v(chunks, recv_sizes=[g.numel() for g in got])
     assert "size_exchange" not in ledger2.ops
     assert all(torch.equal(a, b) for a, b in zip(again, got, strict=True))
     return [g.tolist() for g in got]
@@ -44,8 +44,8 @@ def test_all_to_all_v_uneven_and_empty(world_size: int) -> None:
 def check_all_gather_v(async_op: bool) -> None:
     rank, n = dist.get_rank(), dist.get_world_size()
     mine = torch.arange(rank * 2, dtype=torch.int32) * (rank + 1)  # rank 0 sends nothing
-    with C.count_bytes() as ledger:
-        out = C.all_gather_v(mine, async_op=async_op)
+    with collectives.count_bytes() as ledger:
+        out = collectives.all_gather_v(mine, async_op=async_op)
         if async_op:
             out = out.wait()
     for src in range(n):
@@ -72,10 +72,10 @@ def check_all_reduce_and_gather() -> None:
     x = torch.randn(1000, generator=g)
     ref = x.clone()
     dist.all_reduce(ref)
-    with C.count_bytes() as ledger:
-        pending = C.all_reduce(x.clone(), async_op=True)
+    with collectives.count_bytes() as ledger:
+        pending = collectives.all_reduce(x.clone(), async_op=True)
         ours = pending.wait()
-        gathered = C.all_gather(x)
+        gathered = collectives.all_gather(x)
     assert torch.allclose(ours, ref)
     assert ledger.ops["all_reduce"].wire_bytes == -(-2 * (n - 1) * 4000 // n)
     assert ledger.ops["all_gather"].wire_bytes == (n - 1) * 4000
@@ -98,7 +98,7 @@ def check_packed() -> None:
         torch.empty(0, dtype=torch.bfloat16),
         torch.tensor(3.5 + rank, dtype=torch.float64),
     ]
-    everyone = C.all_gather_packed(mine)
+    everyone = collectives.all_gather_packed(mine)
     assert len(everyone) == n
     for src, tensors in enumerate(everyone):
         assert tensors[0].dtype == torch.float16 and tensors[0].shape == (src + 1, 2)
@@ -116,9 +116,9 @@ def test_all_gather_packed_mixed_dtypes(world_size: int) -> None:
 
 def check_bad_chunk_count() -> None:
     with pytest.raises(ValueError, match="one chunk per rank"):
-        C.all_to_all_v([torch.zeros(1)])
+        collectives.all_to_all_v([torch.zeros(1)])
     with pytest.raises(TypeError, match="one dtype"):
-        C.all_to_all_v([torch.zeros(1), torch.zeros(1, dtype=torch.int32)])
+        collectives.all_to_all_v([torch.zeros(1), torch.zeros(1, dtype=torch.int32)])
 
 
 def test_all_to_all_v_rejects_wrong_world_size() -> None:
@@ -131,47 +131,47 @@ def test_pack_roundtrip_with_layout_and_misaligned_offsets() -> None:
         torch.randn(4, 5).t(),  # non-contiguous
         torch.tensor([7], dtype=torch.int32),
     ]
-    layout = C.Layout.of(tensors)
-    buf = C.pack(tensors)
+    layout = collectives.Layout.of(tensors)
+    buf = collectives.pack(tensors)
     assert buf.numel() == layout.nbytes == 3 + 80 + 4
-    out = C.unpack(buf, layout)
+    out = collectives.unpack(buf, layout)
     for a, b in zip(tensors, out, strict=True):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="layout describes"):
-        C.unpack(buf[:-1], layout)
+        collectives.unpack(buf[:-1], layout)
 
 
 def test_wire_bytes_model() -> None:
-    assert C.wire_bytes("all_reduce", 1000, 4) == 1500
-    assert C.wire_bytes("all_gather", 1000, 4) == 750
-    assert C.wire_bytes("all_to_all", 1000, 1) == 0
+    assert collectives.wire_bytes("all_reduce", 1000, 4) == 1500
+    assert collectives.wire_bytes("all_gather", 1000, 4) == 750
+    assert collectives.wire_bytes("all_to_all", 1000, 1) == 0
     with pytest.raises(ValueError, match="unknown primitive"):
-        C.wire_bytes("broadcast", 1, 2)
+        collectives.wire_bytes("broadcast", 1, 2)
 
 
 def test_collectives_need_an_initialised_group() -> None:
     with pytest.raises(RuntimeError, match="not initialised"):
-        C.all_reduce(torch.zeros(1))
+        collectives.all_reduce(torch.zeros(1))
 
 
 def check_reused_buffers_and_adjacent_chunks() -> None:
     rank, n = dist.get_rank(), dist.get_world_size()
     flat = torch.arange(n * 3, dtype=torch.float32) + 100 * rank
     out = torch.full((n * 3,), -1.0)
-    got = C.all_to_all_v(list(flat.split(3)), recv_sizes=[3] * n, out=out)
+    got = collectives.all_to_all_v(list(flat.split(3)), recv_sizes=[3] * n, out=out)
     for src in range(n):
         assert torch.equal(got[src], torch.arange(3 * rank, 3 * rank + 3) + 100.0 * src)
         assert got[src].data_ptr() == out[3 * src :].data_ptr()  # written in place
     # Non-adjacent chunks (reversed) still go to the right ranks.
     backwards = list(reversed(flat.split(3)))
-    got = C.all_to_all_v(backwards, recv_sizes=[3] * n)
+    got = collectives.all_to_all_v(backwards, recv_sizes=[3] * n)
     for src in range(n):
         assert torch.equal(got[src], torch.arange(3 * (n - 1 - rank), 3 * (n - rank)) + 100.0 * src)
     gathered = [torch.empty(2) for _ in range(n)]
-    C.all_gather(torch.full((2,), float(rank)), out=gathered)
+    collectives.all_gather(torch.full((2,), float(rank)), out=gathered)
     assert [g.tolist() for g in gathered] == [[float(r)] * 2 for r in range(n)]
     with pytest.raises(ValueError, match="out must be"):
-        C.all_to_all_v(list(flat.split(3)), recv_sizes=[3] * n, out=torch.empty(1))
+        collectives.all_to_all_v(list(flat.split(3)), recv_sizes=[3] * n, out=torch.empty(1))
 
 
 @pytest.mark.parametrize("world_size", [2, 3])

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from thrifty.bench import run_ranks
 from thrifty.bench.models import DigitsCNN, load_digits_split
 from thrifty.compressors import available_compressors
-from thrifty.dist import GradientSync
+from thrifty.sync import GradientSync
 
 pytestmark = pytest.mark.slow
 

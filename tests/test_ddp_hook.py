@@ -13,7 +13,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thrifty.bench import run_ranks
-from thrifty.dist.ddp_hook import CompressionHookState, compression_hook
+from thrifty.sync.ddp_hook import CompressionHookState, compression_hook
 
 
 def _model() -> nn.Module:

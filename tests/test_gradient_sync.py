@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from thrifty.bench import RankFailure, run_ranks
 from thrifty.compressors import available_compressors
-from thrifty.dist import GradientSync, Plan, Strategy
+from thrifty.sync import GradientSync, Plan, Strategy
 
 
 class SmallNet(nn.Module):

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from thrifty.bench import RankFailure, run_ranks
-from thrifty.dist import GradientSync, Plan, Strategy
+from thrifty.sync import GradientSync, Plan, Strategy
 
 # Odd sizes (73 elements in all), so shards need padding for 2 and 4 ranks.
 _SIZES = [(5, 7), (7, 3)]

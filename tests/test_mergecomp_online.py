@@ -7,9 +7,9 @@ import torch.distributed as dist
 
 from thrifty.bench import run_ranks
 from thrifty.bench.models import DigitsCNN, train_digits_shard
-from thrifty.dist import GradientSync
 from thrifty.mergecomp import MergeComp
 from thrifty.mergecomp.online import _binary_search
+from thrifty.sync import GradientSync
 
 
 def test_binary_search_finds_the_best_split_within_its_budget() -> None:

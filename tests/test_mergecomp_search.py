@@ -8,10 +8,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thrifty.dist import NetworkModel, Strategy
-from thrifty.dist.network import AlphaBeta
-from thrifty.dist.profile import CompressionCost, Profile, TensorProfile
+from thrifty.comm import NetworkModel
+from thrifty.comm.network import AlphaBeta
 from thrifty.mergecomp import optimal_partition, partition_time, schedule
+from thrifty.sync import Strategy
+from thrifty.sync.profile import CompressionCost, Profile, TensorProfile
 
 PRIMS = ("all_reduce", "all_gather", "all_to_all")
 

@@ -9,8 +9,8 @@ import pytest
 
 from thrifty.bench import netem
 from thrifty.bench.collectives import run_benchmark
-from thrifty.dist.collectives import wire_bytes
-from thrifty.dist.network import AlphaBeta, Measurement, NetworkModel
+from thrifty.comm.collectives import wire_bytes
+from thrifty.comm.network import AlphaBeta, Measurement, NetworkModel
 
 SIZES = [4096 * 4**i for i in range(8)]
 

@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from thrifty.dist import NetworkModel, Plan, Strategy
-from thrifty.dist.network import AlphaBeta
-from thrifty.dist.profile import CompressionCost, Profile, TensorProfile, profile_model
-from thrifty.dist.timeline import comm_time, simulate
+from thrifty.comm import NetworkModel
+from thrifty.comm.network import AlphaBeta
+from thrifty.sync import Plan, Strategy
+from thrifty.sync.profile import CompressionCost, Profile, TensorProfile, profile_model
+from thrifty.sync.timeline import comm_time, simulate
 
 # 2 ranks, no latency, 1 byte per microsecond per rank: all-reduce of B bytes takes B us.
 NET = NetworkModel("toy", {p: {2: AlphaBeta(0.0, 1e-6)} for p in

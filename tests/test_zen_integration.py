@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch import nn
 
 from thrifty.bench import run_ranks
-from thrifty.dist import GradientSync
+from thrifty.sync import GradientSync
 from thrifty.zen.workloads import LSTMLanguageModel
 
 VOCAB, STEPS = 5000, 6
@@ -193,7 +193,7 @@ def test_unknown_scheme_is_a_clear_error() -> None:
 
 
 def test_sparse_parameters_are_found_from_the_modules() -> None:
-    from thrifty.dist.engine import _sparse_parameter_names
+    from thrifty.sync.engine import _sparse_parameter_names
 
     model = TwoTables()
     model.dense_table = nn.Embedding(10, 4)  # sparse=False: stays on the dense path

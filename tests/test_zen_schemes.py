@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from thrifty.bench import run_ranks
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen import (
     AutoScheme,
     BalancedParallelism,
@@ -273,7 +273,7 @@ def check_ledger_sees_every_call() -> None:
             setattr(dist, name, forbidden(name))
         for variant, make in SCHEME_VARIANTS.items():
             raw_calls = 0
-            with C.count_bytes() as ledger:
+            with collectives.count_bytes() as ledger:
                 sync_sparse(tensor, make())
             assert raw_calls == ledger.calls, (variant, raw_calls, ledger.as_dict())
     finally:
@@ -297,7 +297,7 @@ def check_bytes() -> dict[str, Any]:
         tensor = _coo(idx, torch.randn(nnz, *shape[1:], generator=gen), shape)
         sent = {}
         for scheme in SCHEME_NAMES:
-            with C.count_bytes() as ledger:
+            with collectives.count_bytes() as ledger:
                 sync_sparse(tensor, scheme)
             sent[scheme] = ledger.wire_bytes
         out[layout] = {"indices": idx.sort().values, "sent": sent}
@@ -306,7 +306,7 @@ def check_bytes() -> dict[str, Any]:
     skewed = _coo(head, torch.randn(1000), (200_000,))
     out["skew"] = {}
     for scheme in ("omnireduce", "zen"):
-        with C.count_bytes() as ledger:
+        with collectives.count_bytes() as ledger:
             sync_sparse(skewed, scheme)
         out["skew"][scheme] = ledger.wire_bytes
     return out

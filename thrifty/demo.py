@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from thrifty.bench.launch import run_ranks
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 
 __all__ = ["TOUR", "TourStop", "collectives_stop"]
 
@@ -32,15 +32,15 @@ def _collectives_rank(nbytes: int, reps: int) -> dict[str, tuple[float, int]]:
     n = dist.get_world_size()
     x = torch.ones(nbytes // 4)
     ops = {
-        "all-reduce": lambda: C.all_reduce(x),
-        "all-gather": lambda: C.all_gather(x[: x.numel() // n]),
-        "all-to-all (v)": lambda: C.all_to_all_v(list(x.chunk(n))),
+        "all-reduce": lambda: collectives.all_reduce(x),
+        "all-gather": lambda: collectives.all_gather(x[: x.numel() // n]),
+        "all-to-all (v)": lambda: collectives.all_to_all_v(list(x.chunk(n))),
     }
     out = {}
     for name, op in ops.items():
         op()  # warm-up
         times = []
-        with C.count_bytes() as ledger:
+        with collectives.count_bytes() as ledger:
             for _ in range(reps):
                 dist.barrier()
                 start = time.perf_counter()
@@ -69,7 +69,7 @@ def collectives_stop() -> TourStop:
 def _compressed_training_rank(compressor: str, steps: int) -> dict[str, float]:
     """Train the digits CNN on this rank's shard with compressed gradient sync."""
     from thrifty.bench.models import DigitsCNN, train_digits_shard
-    from thrifty.dist import GradientSync
+    from thrifty.sync import GradientSync
 
     n = dist.get_world_size()
     torch.manual_seed(0)
@@ -101,9 +101,10 @@ def mergecomp_stop() -> TourStop:
     import torch.nn.functional as F
 
     from thrifty.bench.models import ResNetCNN
-    from thrifty.dist import NetworkModel, Strategy
-    from thrifty.dist.profile import profile_model
+    from thrifty.comm import NetworkModel
     from thrifty.mergecomp import optimal_partition, partition_time
+    from thrifty.sync import Strategy
+    from thrifty.sync.profile import profile_model
 
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -157,8 +158,9 @@ def bytecomp_decision(
     from thrifty.bench.netem import parse_rate
     from thrifty.bench.training import BATCH, DEFAULT_OPTIONS
     from thrifty.bytecomp import decide, zero_cost_profile
-    from thrifty.dist import NetworkModel, Strategy, Topology
-    from thrifty.dist.profile import profile_model
+    from thrifty.comm import NetworkModel, Topology
+    from thrifty.sync import Strategy
+    from thrifty.sync.profile import profile_model
 
     torch.manual_seed(0)
     model = build_model(model_name)
@@ -224,7 +226,7 @@ def _zen_rank(vocab: int, tokens: int) -> dict[str, object]:
     out: dict[str, object] = {"rows": grad.coalesce().indices().shape[1]}
     results = {}
     for scheme in ("agsparse", "zen", "dense"):
-        with C.count_bytes() as ledger:
+        with collectives.count_bytes() as ledger:
             start = time.perf_counter()
             results[scheme] = sync_sparse(grad, scheme, output="dense")
             out[f"{scheme}_s"] = time.perf_counter() - start

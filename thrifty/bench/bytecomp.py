@@ -37,8 +37,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSG
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from thrifty.bench import cluster as cl
-from thrifty.bench import netem
+from thrifty.bench import cluster, netem
 from thrifty.bench.models import build_model, count_parameters
 from thrifty.bench.results import results_dir, write_json
 from thrifty.bench.training import (
@@ -48,10 +47,11 @@ from thrifty.bench.training import (
     _loss,
     time_iterations,
 )
-from thrifty.dist import GradientSync, Group, Plan, Strategy, Topology
-from thrifty.dist.engine import get_planner
-from thrifty.dist.profile import Profile, profile_model
-from thrifty.dist.timeline import simulate
+from thrifty.comm import Topology
+from thrifty.sync import GradientSync, Group, Plan, Strategy
+from thrifty.sync.engine import get_planner
+from thrifty.sync.profile import Profile, profile_model
+from thrifty.sync.timeline import simulate
 
 __all__ = ["TOPOLOGIES", "run_bytecomp_benchmark", "run_selection_benchmark"]
 
@@ -156,11 +156,11 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
     k = int(os.environ.get("LOCAL_WORLD_SIZE", n))
     torch.set_num_threads(1)
     if n // k > 1 and k > 1:
-        topology = cl.measure_topology(CALIBRATION_SIZES, budget_s=0.3, progress=rank == 0,
+        topology = cluster.measure_topology(CALIBRATION_SIZES, budget_s=0.3, progress=rank == 0,
                                        ranks_per_node=k)  # fmt: skip
     else:
         from thrifty.bench.collectives import time_collectives
-        from thrifty.dist.network import Measurement, NetworkModel
+        from thrifty.comm.network import Measurement, NetworkModel
 
         rows = time_collectives(("all_reduce", "all_gather", "all_to_all"), CALIBRATION_SIZES,
                                 0.3, "calibrate", progress=rank == 0)  # fmt: skip
@@ -222,7 +222,9 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
 
 def _single_node_job(spec: dict[str, Any]) -> Any:
     """Inside a rate-limited namespace: one node, its ranks sharing the limited loopback."""
-    return cl.run_torchrun(None, spec["ranks_per_node"], MODULE, spec["job"], spec["timeout"])[0]
+    return cluster.run_torchrun(None, spec["ranks_per_node"], MODULE, spec["job"], spec["timeout"])[
+        0
+    ]
 
 
 def run_bytecomp_benchmark(
@@ -242,8 +244,8 @@ def run_bytecomp_benchmark(
     for nodes, k in topologies:
         label = f"{nodes}x{k}"
         if nodes > 1:
-            with cl.emulated_cluster(nodes, rate) as cluster:
-                result = cl.run_torchrun(cluster, k, MODULE, job, timeout)[0]
+            with cluster.emulated_cluster(nodes, rate) as emulated:
+                result = cluster.run_torchrun(emulated, k, MODULE, job, timeout)[0]
         else:
             spec = {"ranks_per_node": k, "job": job, "timeout": timeout}
             result = netem.run_worker(rate, MODULE, {"single_node": spec})
@@ -341,7 +343,7 @@ def run_selection_benchmark(
     from thrifty.bench.models import GPT
     from thrifty.bench.netem import parse_rate
     from thrifty.bytecomp import decide
-    from thrifty.dist import NetworkModel
+    from thrifty.comm import NetworkModel
 
     torch.manual_seed(0)
     model = GPT(n_layer=layers, n_embd=256, n_head=4, block_size=64)
@@ -381,4 +383,4 @@ if __name__ == "__main__":
     if len(sys.argv) == 2 and "single_node" in json.loads(sys.argv[1]):
         netem.worker_main(lambda spec: _single_node_job(spec["single_node"]))
     else:
-        cl.cluster_worker_main(_main)
+        cluster.cluster_worker_main(_main)

@@ -17,7 +17,7 @@ nodes cross two limited veths. Only the namespaces' own addresses are used.
 
 :func:`measure_topology` (called on every rank of such a job) fits the flat,
 intra-node and inter-node network models of a
-:class:`~thrifty.dist.topology.Topology`; :func:`calibrate_cluster` does the
+:class:`~thrifty.comm.topology.Topology`; :func:`calibrate_cluster` does the
 whole round trip from the calling process.
 
 Needs root and iproute2, like :mod:`thrifty.bench.netem`; every namespace is
@@ -58,9 +58,9 @@ import torch.distributed as dist
 from thrifty.bench import netem
 from thrifty.bench.collectives import _measurement, fit_report, time_collectives
 from thrifty.bench.netem import NetNamespace
-from thrifty.dist import collectives as C
-from thrifty.dist.network import PRIMITIVES, NetworkModel
-from thrifty.dist.topology import Topology, split_groups
+from thrifty.comm import collectives
+from thrifty.comm.network import PRIMITIVES, NetworkModel
+from thrifty.comm.topology import Topology, split_groups
 
 __all__ = [
     "TOPOLOGY_SIZES",
@@ -424,7 +424,7 @@ def measure_topology(
     all cross-node groups at once (``inter``): the ``k`` cross groups share each
     node's NIC, as the hierarchical scheme runs them. Concurrent groups start
     every rep together, so every rank fits the same models and returns an
-    equal :class:`~thrifty.dist.topology.Topology`. ``intra`` and ``inter`` are
+    equal :class:`~thrifty.comm.topology.Topology`. ``intra`` and ``inter`` are
     None on one node or with one rank per node. ``ranks_per_node`` defaults to
     torchrun's ``LOCAL_WORLD_SIZE``. About 25 s at 1 Gbit/s on 2 x 2 ranks.
     """
@@ -519,12 +519,12 @@ def _timed_all_gather(nbytes: int, group: Any, reps: int = 3) -> float:
     n = dist.get_world_size(group)
     mine = torch.ones(nbytes // 4 // n)
     out = [torch.empty_like(mine) for _ in range(n)]
-    C.all_gather(mine, group=group, out=out)  # connections
+    collectives.all_gather(mine, group=group, out=out)  # connections
     times = []
     for _ in range(reps):
         dist.barrier()
         start = time.perf_counter()
-        C.all_gather(mine, group=group, out=out)
+        collectives.all_gather(mine, group=group, out=out)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
         dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
         times.append(elapsed.item())

@@ -29,8 +29,8 @@ from tqdm import tqdm
 from thrifty.bench import netem
 from thrifty.bench.launch import run_ranks
 from thrifty.bench.results import results_dir, write_json
-from thrifty.dist import collectives as C
-from thrifty.dist.network import LARGE_MESSAGE, PRIMITIVES, Measurement, NetworkModel
+from thrifty.comm import collectives
+from thrifty.comm.network import LARGE_MESSAGE, PRIMITIVES, Measurement, NetworkModel
 
 __all__ = ["DEFAULT_SIZES", "fit_report", "measure", "run_benchmark"]
 
@@ -51,11 +51,11 @@ def _run_once(
     """One collective on ``buf``, receiving into ``out``: the network, not the allocator."""
     chunk = buf.numel() // n
     if primitive == "all_reduce":
-        C.all_reduce(buf, group=group)
+        collectives.all_reduce(buf, group=group)
     elif primitive == "all_gather":
-        C.all_gather(buf[:chunk], group=group, out=list(out[: chunk * n].split(chunk)))
+        collectives.all_gather(buf[:chunk], group=group, out=list(out[: chunk * n].split(chunk)))
     elif primitive == "all_to_all":
-        C.all_to_all_v(list(buf[: chunk * n].split(chunk)), group=group,
+        collectives.all_to_all_v(list(buf[: chunk * n].split(chunk)), group=group,
                        recv_sizes=[chunk] * n, out=out[: chunk * n])  # fmt: skip
     else:
         raise ValueError(f"unknown primitive {primitive!r}")

@@ -37,11 +37,12 @@ from thrifty.bench import netem
 from thrifty.bench.launch import run_ranks
 from thrifty.bench.models import build_model, count_parameters
 from thrifty.bench.results import results_dir, write_json
+from thrifty.comm import NetworkModel
 from thrifty.compressors import available_compressors
-from thrifty.dist import GradientSync, Group, NetworkModel, Plan, Strategy
-from thrifty.dist.engine import get_planner
-from thrifty.dist.profile import profile_model
-from thrifty.dist.timeline import simulate
+from thrifty.sync import GradientSync, Group, Plan, Strategy
+from thrifty.sync.engine import get_planner
+from thrifty.sync.profile import profile_model
+from thrifty.sync.timeline import simulate
 
 __all__ = ["DEFAULT_OPTIONS", "configurations", "run_training_benchmark"]
 

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from thrifty.bench import cluster as cl
+from thrifty.bench import cluster
 from thrifty.bench.results import results_dir, write_json
 
 __all__ = [
@@ -190,10 +190,10 @@ def run_zen_benchmark(
             for n in nodes:
                 job_start = time.perf_counter()
                 if rate == "loopback":  # one node, plain loopback: no root, no rate limit
-                    per_rank = cl.run_torchrun(None, n, MODULE, job, timeout)
+                    per_rank = cluster.run_torchrun(None, n, MODULE, job, timeout)
                 else:
-                    with cl.emulated_cluster(n, rate) as cluster:
-                        per_rank = cl.run_torchrun(cluster, 1, MODULE, job, timeout)
+                    with cluster.emulated_cluster(n, rate) as emulated:
+                        per_rank = cluster.run_torchrun(emulated, 1, MODULE, job, timeout)
                 run = _merge_ranks(per_rank)
                 run["seconds"] = time.perf_counter() - job_start
                 run["load_average_after"] = os.getloadavg()
@@ -385,7 +385,7 @@ def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict
     The schemes take turns within each round, so a load spike on the machine
     (other jobs share its cores) hits them alike instead of one scheme's reps.
     """
-    from thrifty.dist import collectives as C
+    from thrifty.comm import collectives
     from thrifty.zen import AutoScheme, make_scheme, sync_sparse
 
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -403,10 +403,10 @@ def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict
         del result
         while isinstance(scheme, AutoScheme) and scheme.chosen is None:  # its timed profile
             sync_sparse(tensor, scheme)
-    ledgers = {name: C.CommLedger() for name in schemes}
+    ledgers = {name: collectives.CommLedger() for name in schemes}
     for _ in range(reps):
         for name, scheme in objects.items():
-            with C.count_bytes(ledgers[name]):
+            with collectives.count_bytes(ledgers[name]):
                 out[name]["times"].append(_timed_once(lambda s=scheme: sync_sparse(tensor, s)))
     for name, scheme in objects.items():
         out[name]["bytes"] = ledgers[name].wire_bytes / max(reps, 1)
@@ -417,7 +417,7 @@ def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict
 
 def _train_lstm(train: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
     """The three configurations take turns, one iteration each (load spikes hit all alike)."""
-    from thrifty.dist import GradientSync
+    from thrifty.sync import GradientSync
     from thrifty.zen.workloads import LSTMLanguageModel
 
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -473,4 +473,4 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    cl.cluster_worker_main(_rank_run)
+    cluster.cluster_worker_main(_rank_run)

@@ -1,6 +1,6 @@
 """Choosing a strategy per tensor: Espresso's Algorithms 1 and 2 on our timeline.
 
-``decide(profile, compressor, topology)`` returns a :class:`~thrifty.dist.Plan`
+``decide(profile, compressor, topology)`` returns a :class:`~thrifty.sync.Plan`
 whose every group carries the strategy the decision algorithm picked:
 
 1. **Units.** Tensors in backward order, optionally merged into buckets of at
@@ -26,7 +26,7 @@ whose every group carries the strategy the decision algorithm picked:
    brute-force optimum (our property test checks 3%).
 
 Every candidate is scored by the same timeline as
-:func:`thrifty.dist.timeline.simulate`, evaluated in closed form with numpy over
+:func:`thrifty.sync.timeline.simulate`, evaluated in closed form with numpy over
 a batch of candidate strategies at once (the recurrences of the timeline are
 max-plus scans), which keeps a 300-tensor decision in milliseconds.
 """
@@ -42,11 +42,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from thrifty.bytecomp.tree import Constraints, gpu_options, options
-from thrifty.dist.network import NetworkModel
-from thrifty.dist.plan import Group, Plan, Strategy
-from thrifty.dist.profile import Profile
-from thrifty.dist.timeline import group_cost
-from thrifty.dist.topology import Topology
+from thrifty.comm.network import NetworkModel
+from thrifty.comm.topology import Topology
+from thrifty.sync.plan import Group, Plan, Strategy
+from thrifty.sync.profile import Profile
+from thrifty.sync.timeline import group_cost
 
 __all__ = [
     "AUTO_BUCKETS",
@@ -126,7 +126,7 @@ def _suffix_times(
 ) -> tuple[np.ndarray, np.ndarray]:
     """End of synchronisation for a batch (B, L) of strategies of units u..n-1.
 
-    The same recurrences as :func:`thrifty.dist.timeline.schedule`, unrolled:
+    The same recurrences as :func:`thrifty.sync.timeline.schedule`, unrolled:
     ``x_i = max(x_{i-1}, a_i) + b_i`` is ``B_i + max(x_start, max_{j<=i}(a_j - B_{j-1}))``
     for the running sum ``B``, so each lane is a cumulative sum and a running max
     along the units, for all candidates at once. Returns (end per row, comm_end).
@@ -510,7 +510,7 @@ def decide(
     """The best strategy per unit for this profile, compressor and topology.
 
     Args:
-        profile: from :func:`thrifty.dist.profile.profile_model`, with costs for the
+        profile: from :func:`thrifty.sync.profile.profile_model`, with costs for the
             compressor (and any ``constraints.extra`` compressor).
         compressor: a registry name (with ``compressor_options``), a Strategy, or several.
         topology: a :class:`Topology`, or a NetworkModel for ranks behind one link.

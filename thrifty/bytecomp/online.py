@@ -2,9 +2,9 @@
 
 1. While profiling, the model trains with one uncompressed whole-model group:
    nothing is sent during backward, so the recorded ready times are clean.
-2. After ``warmup`` iterations rank 0 builds a :class:`~thrifty.dist.profile.Profile`
+2. After ``warmup`` iterations rank 0 builds a :class:`~thrifty.sync.profile.Profile`
    (median ready times, the compressors' measured cost on this machine), takes
-   the given :class:`~thrifty.dist.Topology` or fits one in place (a few timed
+   the given :class:`~thrifty.comm.Topology` or fits one in place (a few timed
    collectives on the world, and on the node groups when there are several
    nodes), and runs :func:`~thrifty.bytecomp.decide`.
 3. Rank 0 broadcasts the plan; every rank switches to it (error feedback starts
@@ -25,9 +25,10 @@ import torch.distributed as dist
 
 from thrifty.bytecomp.decide import Decision, decide
 from thrifty.bytecomp.tree import Constraints
-from thrifty.dist import GradientSync, NetworkModel, Plan, Strategy, Topology
-from thrifty.dist.network import Measurement
-from thrifty.dist.profile import Profile, TensorProfile, measure_compression
+from thrifty.comm import NetworkModel, Topology
+from thrifty.comm.network import Measurement
+from thrifty.sync import GradientSync, Plan, Strategy
+from thrifty.sync.profile import Profile, TensorProfile, measure_compression
 
 __all__ = ["ByteComp", "ByteCompTuner", "fit_topology", "spare_cores"]
 
@@ -42,7 +43,7 @@ class ByteComp:
 
     Args:
         topology: nodes, ranks per node and network models; None fits one in place.
-        profile: a profile of this model (:func:`thrifty.dist.profile.profile_model`);
+        profile: a profile of this model (:func:`thrifty.sync.profile.profile_model`);
             None measures one during the first ``warmup`` iterations.
         warmup: iterations with the uncompressed whole-model plan before deciding.
         constraints: passed to :func:`decide`; None allows CPU offload only when

@@ -1,7 +1,7 @@
 """The decision tree: every valid way to synchronise one tensor (or merged group).
 
 Espresso (our note, section 1.2) describes a tensor's options as paths through
-a tree of four decisions. Here each path is one :class:`~thrifty.dist.Strategy`:
+a tree of four decisions. Here each path is one :class:`~thrifty.sync.Strategy`:
 
 1. compress or not (and with which compressor: the user's, optionally FP16 too);
 2. where (de)compression runs: on the thread that runs backward, or offloaded
@@ -33,8 +33,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
-from thrifty.dist.plan import Strategy
-from thrifty.dist.topology import Topology
+from thrifty.comm.topology import Topology
+from thrifty.sync.plan import Strategy
 
 __all__ = ["Constraints", "compressions", "gpu_options", "options"]
 

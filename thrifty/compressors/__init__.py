@@ -2,7 +2,7 @@
 
 A :class:`Compressor` decides what one rank sends for a flat gradient tensor; a
 :class:`Memory` adds error feedback around it; communication is the engine's
-(:mod:`thrifty.dist`). See :mod:`thrifty.compressors.base` for the contract.
+(:mod:`thrifty.sync`). See :mod:`thrifty.compressors.base` for the contract.
 
 Example::
 

@@ -4,7 +4,7 @@ Following GRACE (Xu et al., "GRACE: A Compressed Communication Framework for
 Distributed Machine Learning", ICDCS 2021), a compressor decides only *what is
 sent*. Error feedback lives in :mod:`thrifty.compressors.memory` and the
 collective (all-reduce, all-gather, all-to-all) is chosen by the engine in
-:mod:`thrifty.dist`. A compressor never communicates.
+:mod:`thrifty.sync` and :mod:`thrifty.comm`. A compressor never communicates.
 
 Two ways to move a compressed tensor, and what the engine may rely on:
 

@@ -62,7 +62,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from thrifty.dist.collectives import all_to_all_v
+from thrifty.comm.collectives import all_to_all_v
 from thrifty.lazarus.allocation import allocate_replicas
 from thrifty.lazarus.dispatcher import dispatch_local, plan_dispatch, token_counts
 from thrifty.lazarus.moe import (

@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-from thrifty.dist.engine import register_planner
 from thrifty.mergecomp.online import MergeComp, MergeCompTuner, Trial
 from thrifty.mergecomp.search import (
     Partition,
@@ -16,6 +15,7 @@ from thrifty.mergecomp.search import (
     partition_time,
 )
 from thrifty.mergecomp.search import schedule_plan as schedule
+from thrifty.sync.engine import register_planner
 
 __all__ = [
     "MergeComp",

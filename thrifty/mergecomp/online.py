@@ -35,11 +35,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from thrifty.dist import GradientSync, NetworkModel, Plan, Strategy
-from thrifty.dist.network import Measurement
-from thrifty.dist.profile import Profile, TensorProfile, measure_compression
-from thrifty.dist.timeline import payload_bytes
+from thrifty.comm import NetworkModel
+from thrifty.comm.network import Measurement
 from thrifty.mergecomp.search import candidate_partitions, plan_for
+from thrifty.sync import GradientSync, Plan, Strategy
+from thrifty.sync.profile import Profile, TensorProfile, measure_compression
+from thrifty.sync.timeline import payload_bytes
 
 __all__ = ["MergeComp", "MergeCompTuner", "Trial"]
 

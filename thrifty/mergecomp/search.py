@@ -3,7 +3,7 @@
 MergeComp compresses each group of consecutive gradient tensors once. Few large
 groups amortise the per-call cost (kernel launches, one collective each) but
 wait longer for their last gradient; many small groups overlap with backward
-but pay the fixed cost often. The timeline (:mod:`thrifty.dist.timeline`)
+but pay the fixed cost often. The timeline (:mod:`thrifty.sync.timeline`)
 prices any partition; this module finds the cheapest one.
 
 Dynamic programming over split points. After placing the groups that end at
@@ -30,10 +30,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from thrifty.dist.network import NetworkModel
-from thrifty.dist.plan import Plan, Strategy
-from thrifty.dist.profile import Profile
-from thrifty.dist.timeline import GroupCost, group_cost, schedule
+from thrifty.comm.network import NetworkModel
+from thrifty.sync.plan import Plan, Strategy
+from thrifty.sync.profile import Profile
+from thrifty.sync.timeline import GroupCost, group_cost, schedule
 
 __all__ = [
     "Partition",

@@ -13,7 +13,7 @@
   gradients (LSTM LM on ShareGPT, DeepFM on Zipf features, DGC on a GPT) and
   their density, overlap, densification and skew (``thrifty zen analyze``).
 
-``GradientSync(model, sparse_scheme="zen")`` (:mod:`thrifty.dist.engine`)
+``GradientSync(model, sparse_scheme="zen")`` (:mod:`thrifty.sync.engine`)
 sends ``nn.Embedding(sparse=True)`` gradients through a scheme during training.
 """
 

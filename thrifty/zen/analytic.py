@@ -5,7 +5,7 @@ one rank's tensor, ``gamma^k`` the densification after summing ``k`` ranks'
 tensors (``density of the sum / d``; ``gamma^1 = 1``, ``gamma = gamma^n``),
 ``s_i`` index bytes and ``s_v`` value bytes per index (a row of an embedding
 gradient: ``values_per_index * value_bytes``). Volumes count what ranks
-*send*, as :class:`thrifty.dist.collectives.CommLedger` does, summed over all
+*send*, as :class:`thrifty.comm.collectives.CommLedger` does, summed over all
 ranks (``total``) and per rank (``/ n``):
 
 ============  =====================================================================

@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 
 __all__ = [
     "PullFormat",
@@ -96,8 +96,8 @@ def encode_pull(
 ) -> Tensor:
     """An owner's Pull message; ``positions`` ascending, ``values`` in the same order."""
     if pull_uses_bitmap(positions.numel(), list_size, index_dtype.itemsize, fmt):
-        return C.pack([pack_bits(positions, list_size), values])
-    return C.pack([positions.to(index_dtype), values])
+        return collectives.pack([pack_bits(positions, list_size), values])
+    return collectives.pack([positions.to(index_dtype), values])
 
 
 def decode_pull(
@@ -119,8 +119,10 @@ def decode_pull(
     coo_count, coo_rest = divmod(size, index_bytes + row_bytes)
     is_coo = coo_rest == 0 and not pull_uses_bitmap(coo_count, list_size, index_bytes, fmt)
     if is_coo:
-        layout = C.Layout(((index_dtype, (coo_count,)), (value_dtype, (coo_count, row_numel))))
-        positions, values = C.unpack(buffer, layout)
+        layout = collectives.Layout(
+            ((index_dtype, (coo_count,)), (value_dtype, (coo_count, row_numel)))
+        )
+        positions, values = collectives.unpack(buffer, layout)
         return positions.long(), values
     head = bitmap_bytes(list_size)
     count, rest = divmod(size - head, row_bytes) if row_bytes else (0, size - head)
@@ -129,8 +131,8 @@ def decode_pull(
             f"a Pull message of {size} bytes is neither COO nor a hash bitmap for a list of "
             f"{list_size} with {row_bytes}-byte rows; ranks disagree on the tensor layout"
         )
-    layout = C.Layout(((torch.uint8, (head,)), (value_dtype, (count, row_numel))))
-    bitmap, values = C.unpack(buffer, layout)
+    layout = collectives.Layout(((torch.uint8, (head,)), (value_dtype, (count, row_numel))))
+    bitmap, values = collectives.unpack(buffer, layout)
     positions = unpack_bits(bitmap, list_size)
     if positions.numel() != count:
         raise RuntimeError(f"hash bitmap has {positions.numel()} bits set for {count} value rows")

@@ -39,7 +39,7 @@ from typing import ClassVar, Literal
 import torch
 import torch.distributed as dist
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.analytic import (
     SparsityStats,
     densification_ratios,
@@ -114,13 +114,13 @@ def estimate_sparsity(
     rank computes the same result from the same data.
     """
     _, n = group_rank_and_size(group)
-    counts = C.all_gather(torch.tensor([rows.nnz], dtype=torch.int64), group=group)
+    counts = collectives.all_gather(torch.tensor([rows.nnz], dtype=torch.int64), group=group)
     mean = sum(int(c) for c in counts) / n  # type: ignore[union-attr]
     slices = 1
     while mean / slices > samples_per_rank:
         slices *= 2
     keep = (keyed_hash32(rows.indices, seed) & (slices - 1)) == 0
-    sampled = C.all_gather_v(rows.indices[keep], group=group)
+    sampled = collectives.all_gather_v(rows.indices[keep], group=group)
     density = mean / rows.num_rows if rows.num_rows else 0.0
     return SparsityStats(rows.num_rows, n, density, densification_ratios(list(sampled)))  # type: ignore[arg-type]
 
@@ -213,7 +213,9 @@ class AutoScheme(SparseScheme):
         start = time.perf_counter()
         result = self.candidates[name].reduce(rows, group)
         elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
-        C.all_reduce(elapsed, dist.ReduceOp.MAX, group)  # every rank sees the slowest rank
+        collectives.all_reduce(
+            elapsed, dist.ReduceOp.MAX, group
+        )  # every rank sees the slowest rank
         self.timings.append((name, float(elapsed)))
         if len(self.timings) >= self.profile_steps * len(self.order):
             best = {n: min(t for m, t in self.timings if m == n) for n in self.order}

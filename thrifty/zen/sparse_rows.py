@@ -14,7 +14,7 @@ of an uncoalesced input are summed first, as ``torch`` would.
 
 On the wire a COO entry is an index (int32 while the index space fits, else
 int64) followed by its value row; :func:`encode_coo` / :func:`decode_coo`
-pack both into one byte buffer with :func:`thrifty.dist.collectives.pack`, so
+pack both into one byte buffer with :func:`thrifty.comm.collectives.pack`, so
 one collective carries indices and values together.
 """
 
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 
 __all__ = [
     "SUPPORTED_DTYPES",
@@ -136,7 +136,7 @@ def sum_duplicate_rows(indices: Tensor, values: Tensor) -> tuple[Tensor, Tensor]
 
 def encode_coo(indices: Tensor, values: Tensor, index_dtype: torch.dtype) -> Tensor:
     """One uint8 buffer: all indices (as ``index_dtype``), then all value rows."""
-    return C.pack([indices.to(index_dtype), values])
+    return collectives.pack([indices.to(index_dtype), values])
 
 
 def decode_coo(
@@ -150,8 +150,8 @@ def decode_coo(
             f"COO buffer of {buffer.numel()} bytes is not a whole number of "
             f"{entry_bytes}-byte entries; ranks disagree on the tensor layout"
         )
-    layout = C.Layout(((index_dtype, (count,)), (value_dtype, (count, row_numel))))
-    indices, values = C.unpack(buffer, layout)
+    layout = collectives.Layout(((index_dtype, (count,)), (value_dtype, (count, row_numel))))
+    indices, values = collectives.unpack(buffer, layout)
     return indices.long(), values
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.schemes import (
     AllGatherSparse,
     BalancedParallelism,
@@ -72,7 +72,7 @@ def make_scheme(name: str, **options: object) -> SparseScheme:
 def agree_seed(group: dist.ProcessGroup | None = None) -> int:
     """A fresh random hash seed, the same on every rank (rank 0's draw), for ``h0``."""
     mine = torch.tensor([random.SystemRandom().getrandbits(62)], dtype=torch.int64)
-    return int(C.all_gather(mine, group=group)[0])  # type: ignore[index]
+    return int(collectives.all_gather(mine, group=group)[0])  # type: ignore[index]
 
 
 def sync_sparse(

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.sparse_rows import SUPPORTED_DTYPES
 
 __all__ = ["MAX_DIMS", "METADATA_WORDS", "InputSummary", "SparseSyncError", "check_inputs"]
@@ -134,7 +134,7 @@ def check_inputs(
     could not even resolve its scheme.
     """
     mine = _describe(tensor, scheme_error, scheme_key)
-    table = [w.tolist() for w in C.all_gather(mine, group=group)]  # type: ignore[union-attr]
+    table = [w.tolist() for w in collectives.all_gather(mine, group=group)]  # type: ignore[union-attr]
     problems = [f"rank {r}: {_error_text(w[0], w[1])}" for r, w in enumerate(table) if w[0] != _OK]
     if problems:
         raise SparseSyncError("sync_sparse: bad input on " + "; ".join(problems))

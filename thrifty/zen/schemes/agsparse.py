@@ -13,7 +13,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.schemes.base import Reduced, SparseScheme
 from thrifty.zen.sparse_rows import (
     SparseRows,
@@ -35,7 +35,7 @@ class AllGatherSparse(SparseScheme):
     def reduce(self, rows: SparseRows, group: dist.ProcessGroup | None = None) -> Reduced:
         index_dtype = wire_index_dtype(rows.num_rows)
         payload = encode_coo(rows.indices, rows.values, index_dtype)
-        gathered = C.all_gather_v(payload, group=group)
+        gathered = collectives.all_gather_v(payload, group=group)
         parts = [decode_coo(b, rows.row_numel, rows.dtype, index_dtype) for b in gathered]  # type: ignore[union-attr]
         indices = torch.cat([p[0] for p in parts])
         values = torch.cat([p[1] for p in parts])

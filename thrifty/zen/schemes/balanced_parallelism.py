@@ -27,7 +27,7 @@ from typing import ClassVar
 import torch
 import torch.distributed as dist
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.hash_bitmap import PullFormat, decode_pull, encode_pull
 from thrifty.zen.hierarchical_hashing import hierarchical_hash_partition, partition_by_owner
 from thrifty.zen.owner_hash import DEFAULT_SEED, OwnerHash
@@ -95,7 +95,7 @@ class BalancedParallelism(SparseScheme):
         else:
             parts = partition_by_owner(owners, n)
         chunks = [encode_coo(positions[p], rows.values[p], index_dtype) for p in parts]
-        received = C.all_to_all_v(chunks, group=group)
+        received = collectives.all_to_all_v(chunks, group=group)
         pushed = [decode_coo(b, rows.row_numel, rows.dtype, index_dtype) for b in received]  # type: ignore[union-attr]
         owned_positions, owned_sums = sum_duplicate_rows(
             torch.cat([p[0] for p in pushed]), torch.cat([p[1] for p in pushed])
@@ -105,7 +105,7 @@ class BalancedParallelism(SparseScheme):
         message = encode_pull(
             owned_positions, owned_sums, h0.list_size(rank), index_dtype, self.pull_format
         )
-        gathered = C.all_gather_v(message, group=group)
+        gathered = collectives.all_gather_v(message, group=group)
         indices, values = [], []
         for owner, buffer in enumerate(gathered):  # type: ignore[arg-type]
             pos, vals = decode_pull(

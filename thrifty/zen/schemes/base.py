@@ -6,8 +6,8 @@ and converting back to a tensor are done once, by
 :func:`thrifty.zen.sync.sync_sparse`. A scheme may return the sum as rows or,
 when it ends up dense anyway, as a dense ``[num_rows, row_numel]`` tensor.
 
-All traffic goes through :mod:`thrifty.dist.collectives`, so
-:func:`~thrifty.dist.collectives.count_bytes` sees every byte a scheme sends.
+All traffic goes through :mod:`thrifty.comm.collectives`, so
+:func:`~thrifty.comm.collectives.count_bytes` sees every byte a scheme sends.
 """
 
 from __future__ import annotations

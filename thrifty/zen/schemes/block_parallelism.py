@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.schemes.base import Reduced, SparseScheme, group_rank_and_size
 from thrifty.zen.sparse_rows import (
     SparseRows,
@@ -77,13 +77,15 @@ class ContiguousBlockParallelism(SparseScheme):
             encode_coo(ids, vals, id_dtype)
             for ids, vals in zip(block_ids.split(counts), blocks.split(counts), strict=True)
         ]
-        received = C.all_to_all_v(chunks, group=group)
+        received = collectives.all_to_all_v(chunks, group=group)
         parts = [decode_coo(b, block_numel, rows.dtype, id_dtype) for b in received]  # type: ignore[union-attr]
         owned_ids, owned_sums = sum_duplicate_rows(
             torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         )
 
-        gathered = C.all_gather_v(encode_coo(owned_ids, owned_sums, id_dtype), group=group)
+        gathered = collectives.all_gather_v(
+            encode_coo(owned_ids, owned_sums, id_dtype), group=group
+        )
         parts = [decode_coo(b, block_numel, rows.dtype, id_dtype) for b in gathered]  # type: ignore[union-attr]
         all_ids = torch.cat([p[0] for p in parts])  # owners in order, ids ascending within
         all_blocks = torch.cat([p[1] for p in parts]).view(-1, rows.row_numel)

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch.distributed as dist
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.schemes.base import Reduced, SparseScheme
 from thrifty.zen.sparse_rows import SparseRows
 
@@ -21,5 +21,5 @@ class DenseAllReduce(SparseScheme):
 
     def reduce(self, rows: SparseRows, group: dist.ProcessGroup | None = None) -> Reduced:
         dense = rows.to_dense_rows()
-        C.all_reduce(dense, group=group)
+        collectives.all_reduce(dense, group=group)
         return dense

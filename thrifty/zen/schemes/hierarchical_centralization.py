@@ -18,7 +18,7 @@ it, ranks ``m .. n-1`` first fold their tensor into ranks ``0 .. n-m-1``,
 the ``m`` ranks run recursive doubling, and the folded ranks get the result
 back at the end (the usual MPI treatment).
 
-Each exchange is one :func:`~thrifty.dist.collectives.all_to_all_v` in which
+Each exchange is one :func:`~thrifty.comm.collectives.all_to_all_v` in which
 a rank sends to at most one peer; with gloo this needs no point-to-point
 calls and every byte is counted.
 """
@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from thrifty.dist import collectives as C
+from thrifty.comm import collectives
 from thrifty.zen.schemes.base import Reduced, SparseScheme, group_rank_and_size
 from thrifty.zen.sparse_rows import (
     SparseRows,
@@ -169,5 +169,5 @@ def _exchange(
     chunks = [empty] * n
     if to is not None:
         chunks[to] = run.encode()
-    received = C.all_to_all_v(chunks, group=group)
+    received = collectives.all_to_all_v(chunks, group=group)
     return None if source is None else received[source]  # type: ignore[index]

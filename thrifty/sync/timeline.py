@@ -1,7 +1,7 @@
 """Timeline: simulate one iteration of (Profile, Plan, NetworkModel) without running it.
 
 The model follows Espresso's simulator (our note, section 1.3), adapted to how
-:class:`~thrifty.dist.engine.GradientSync` executes a plan:
+:class:`~thrifty.sync.engine.GradientSync` executes a plan:
 
 * A group is ready when its last tensor is ready (profiled ready times).
 * Groups launch in plan order (every rank must issue collectives in the same
@@ -11,7 +11,7 @@ The model follows Espresso's simulator (our note, section 1.3), adapted to how
 * Offloaded groups (``Strategy.offload``) encode on a separate serial CPU lane
   instead, which does not delay backward.
 * Hierarchical groups (``Strategy.hierarchical``, several ranks per node, see
-  :class:`~thrifty.dist.topology.Topology`) first reduce-scatter inside the
+  :class:`~thrifty.comm.topology.Topology`) first reduce-scatter inside the
   node (blocking the launching thread), then run their collective across nodes
   on a 1/k shard (so encode and decode work on the shard), then all-gather
   inside the node at the end of backward.
@@ -32,11 +32,11 @@ import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from thrifty.comm.network import NetworkModel
+from thrifty.comm.topology import Topology
 from thrifty.compressors import Compressor
-from thrifty.dist.network import NetworkModel
-from thrifty.dist.plan import Plan, Strategy
-from thrifty.dist.profile import Profile
-from thrifty.dist.topology import Topology
+from thrifty.sync.plan import Plan, Strategy
+from thrifty.sync.profile import Profile
 
 __all__ = [
     "GroupCost",

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from thrifty.dist.network import NetworkModel
+from thrifty.comm.network import NetworkModel
 
 __all__ = ["NodeGroups", "Topology", "split_groups"]
 

@@ -2,7 +2,7 @@
 
 ``time = max(floor, alpha + beta * wire_bytes(primitive, nbytes, n))``: floor
 is the fixed cost of one small call (latency, synchronisation, launch), beta
-the seconds per byte a rank puts on the wire (see :func:`thrifty.dist.collectives.wire_bytes` for
+the seconds per byte a rank puts on the wire (see :func:`thrifty.comm.collectives.wire_bytes` for
 each primitive's volume). One pair is fitted per (primitive, world size)
 because on a shared link all ranks' bytes queue on one bottleneck, which the
 per-rank volume alone cannot tell. The timeline of MergeComp and ByteComp asks
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from thrifty.dist.collectives import wire_bytes
+from thrifty.comm.collectives import wire_bytes
 
 __all__ = ["PRIMITIVES", "AlphaBeta", "Measurement", "NetworkModel"]
 

@@ -6,7 +6,7 @@ are all-reduced with the input divided by the world size first, exactly as
 ``fp16_compress_hook`` does; every other compressor is all-gathered and
 aggregated. Multi-round compressors (PowerSGD, TernGrad with scaler sharing,
 the int8 sign vote) run their rounds inside the hook, without overlap; prefer
-PyTorch's own ``powerSGD_hook`` or :class:`~thrifty.dist.GradientSync` for those.
+PyTorch's own ``powerSGD_hook`` or :class:`~thrifty.sync.GradientSync` for those.
 
 Example::
 
@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from thrifty.dist import collectives as C
-from thrifty.dist.plan import Strategy, has_feedback
+from thrifty.comm import collectives
+from thrifty.sync.plan import Strategy, has_feedback
 
 __all__ = ["CompressionHookState", "compression_hook"]
 
@@ -52,7 +52,7 @@ class CompressionHookState:
         self.compressor = self.strategy.build_compressor()
         self.memory = self.strategy.build_memory()
         self.process_group = process_group
-        self.ledger = C.CommLedger()
+        self.ledger = collectives.CommLedger()
 
 
 def compression_hook(
@@ -72,8 +72,8 @@ def compression_hook(
         rounds = compressor.allreduce_rounds(compensated / n, key)
         request = next(rounds)
         own = request.tensor.clone()
-        with C.count_bytes(state.ledger):
-            pending = C.all_reduce(request.tensor, group=group, async_op=True)
+        with collectives.count_bytes(state.ledger):
+            pending = collectives.all_reduce(request.tensor, group=group, async_op=True)
 
         def finish_allreduce(reduced: torch.Tensor) -> torch.Tensor:
             try:
@@ -93,7 +93,7 @@ def compression_hook(
     if compressor.supports_allreduce_rounds:  # multi-round: synchronous, no overlap
         rounds = compressor.allreduce_rounds(compensated, key)
         reduced = None
-        with C.count_bytes(state.ledger):
+        with collectives.count_bytes(state.ledger):
             while True:
                 try:
                     request = rounds.send(reduced) if reduced is not None else next(rounds)
@@ -101,7 +101,7 @@ def compression_hook(
                     total: torch.Tensor = stop.value
                     break
                 op = dist.ReduceOp.MAX if request.op == "max" else dist.ReduceOp.SUM
-                reduced = C.all_reduce(request.tensor, op, group)
+                reduced = collectives.all_reduce(request.tensor, op, group)
         if has_feedback(state.memory):
             state.memory.update(key, compensated, total / n)
         buffer.copy_((total / n).to(buffer.dtype))
@@ -112,12 +112,12 @@ def compression_hook(
     payload = compressor.compress(compensated, key)
     if has_feedback(state.memory):
         state.memory.update(key, compensated, compressor.decompress(payload, flat.numel(), key))
-    layout = C.Layout.of(payload)
-    with C.count_bytes(state.ledger):
-        gather = C.all_gather(C.pack(payload), group, async_op=True)
+    layout = collectives.Layout.of(payload)
+    with collectives.count_bytes(state.ledger):
+        gather = collectives.all_gather(collectives.pack(payload), group, async_op=True)
 
     def finish_allgather(gathered: list[torch.Tensor]) -> torch.Tensor:
-        payloads = [C.unpack(buf, layout) for buf in gathered]
+        payloads = [collectives.unpack(buf, layout) for buf in gathered]
         total = compressor.aggregate(payloads, flat.numel(), key)
         buffer.copy_((total / n).to(buffer.dtype))
         return buffer

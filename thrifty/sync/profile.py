@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from thrifty.dist.plan import Strategy, has_feedback
+from thrifty.sync.plan import Strategy, has_feedback
 
 __all__ = ["CompressionCost", "Profile", "TensorProfile", "measure_compression", "profile_model"]
 

@@ -15,8 +15,8 @@ including those whose parameters got no gradient on this rank, are launched;
 then every result is waited for, decompressed, aggregated, divided by the
 world size and written to ``.grad``. Any optimizer then steps as usual.
 
-The two switches of a :class:`~thrifty.dist.plan.Strategy` change where that
-work happens, as :mod:`thrifty.dist.timeline` models it:
+The two switches of a :class:`~thrifty.sync.plan.Strategy` change where that
+work happens, as :mod:`thrifty.sync.timeline` models it:
 
 * ``offload``: steps 2-4 of the group run on one CPU worker thread, the
   *launcher*, so backward is not delayed by them. Collectives must be issued
@@ -85,11 +85,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from thrifty.comm import collectives
+from thrifty.comm.topology import NodeGroups, split_groups
 from thrifty.compressors import Compressor
 from thrifty.compressors.memory import Memory
-from thrifty.dist import collectives as C
-from thrifty.dist.plan import Group, Plan, Strategy, has_feedback
-from thrifty.dist.topology import NodeGroups, split_groups
+from thrifty.sync.plan import Group, Plan, Strategy, has_feedback
 
 __all__ = ["GradientSync", "get_planner", "register_planner"]
 
@@ -240,7 +240,7 @@ class GradientSync:
         self._provide_for(self.plan)
         self._groups = self._build_groups(self.plan)
         self._group_of = self._index_groups(self._groups)
-        self.ledger = C.CommLedger()
+        self.ledger = collectives.CommLedger()
         self._enabled = True
         self._in_backward = False
         self._next_launch = 0
@@ -273,7 +273,9 @@ class GradientSync:
 
     def _check_plan_agrees(self) -> None:
         mine = self.plan.fingerprint()
-        everyone = C.all_gather_packed([torch.tensor(list(mine.encode()), dtype=torch.uint8)])
+        everyone = collectives.all_gather_packed(
+            [torch.tensor(list(mine.encode()), dtype=torch.uint8)]
+        )
         prints = [bytes(t[0].tolist()).decode() for t in everyone]
         if len(set(prints)) > 1:
             differ = [r for r, fp in enumerate(prints) if fp != prints[0]]
@@ -550,7 +552,7 @@ class GradientSync:
     def _counting(self) -> Iterator[None]:
         """Count the collectives inside the block into ``self.ledger``, from any thread.
 
-        ``C.count_bytes`` keeps one process-wide list of active ledgers (so that
+        ``collectives.count_bytes`` keeps one process-wide list of active ledgers (so that
         an outer ``count_bytes()`` also sees what the launcher sends). Two
         overlapping blocks of the same ledger, one per thread, would count every
         collective twice, so the ledger is entered once while any thread of this
@@ -558,7 +560,7 @@ class GradientSync:
         """
         with self._ledger_lock:
             if self._ledger_users == 0:
-                self._ledger_scope.enter_context(C.count_bytes(self.ledger))
+                self._ledger_scope.enter_context(collectives.count_bytes(self.ledger))
             self._ledger_users += 1
         try:
             yield
@@ -594,7 +596,7 @@ class GradientSync:
         flat.div_(link.size)  # before the sum, as DDP does: no overflow
 
         def launch() -> Finish:
-            pending = C.all_reduce(flat, group=link.group, async_op=True)
+            pending = collectives.all_reduce(flat, group=link.group, async_op=True)
             return pending.wait  # type: ignore[union-attr]
 
         return launch
@@ -608,7 +610,7 @@ class GradientSync:
         padded = _padded(flat, shard * n).div_(n)  # before the sum, as DDP does
 
         def launch() -> Finish:
-            pending = C.all_to_all_v(
+            pending = collectives.all_to_all_v(
                 list(padded.split(shard)), link.group, async_op=True, recv_sizes=[shard] * n
             )
 
@@ -616,7 +618,7 @@ class GradientSync:
                 received = pending.wait()  # type: ignore[union-attr]
                 mine = torch.stack(received).sum(0)
                 with self._counting():
-                    gathered = C.all_gather(mine, link.group)
+                    gathered = collectives.all_gather(mine, link.group)
                 return torch.cat(gathered)[:numel]  # type: ignore[arg-type]
 
             return finish
@@ -631,7 +633,9 @@ class GradientSync:
             return lambda: flat
         shard = math.ceil(numel / k)
         padded = _padded(flat, shard * k)
-        received = C.all_to_all_v(list(padded.split(shard)), intra.group, recv_sizes=[shard] * k)
+        received = collectives.all_to_all_v(
+            list(padded.split(shard)), intra.group, recv_sizes=[shard] * k
+        )
         # The node mean, not the sum: the strategy across nodes then averages
         # node means into the world mean, and linear compressors see the scale
         # they see in the flat scheme.
@@ -642,7 +646,7 @@ class GradientSync:
         def finish() -> Tensor:
             mean = inner()
             with self._counting():
-                gathered = C.all_gather(mean, intra.group)
+                gathered = collectives.all_gather(mean, intra.group)
             return torch.cat(gathered)[:numel]  # type: ignore[arg-type]
 
         return finish
@@ -663,7 +667,9 @@ class GradientSync:
         own = request.tensor.clone()
 
         def launch() -> Finish:
-            pending = C.all_reduce(request.tensor, _op(request.op), link.group, async_op=True)
+            pending = collectives.all_reduce(
+                request.tensor, _op(request.op), link.group, async_op=True
+            )
 
             def finish() -> Tensor:
                 reduced = pending.wait()  # type: ignore[union-attr]
@@ -674,7 +680,7 @@ class GradientSync:
                         except StopIteration as stop:
                             total: Tensor = stop.value
                             break
-                        reduced = C.all_reduce(nxt.tensor, _op(nxt.op), link.group)  # type: ignore[assignment]
+                        reduced = collectives.all_reduce(nxt.tensor, _op(nxt.op), link.group)  # type: ignore[assignment]
                 mean = total if linear else total / n
                 if has_feedback(state.memory):
                     sent = self._sent(compressor, own, mean, key, scale=n if linear else 1)
@@ -714,15 +720,15 @@ class GradientSync:
         assert compressor is not None
         key, numel = state.index, flat.numel()
         payload = self._compress(compressor, state.memory, flat, key)
-        layout = C.Layout.of(payload)
-        packed = C.pack(payload)
+        layout = collectives.Layout.of(payload)
+        packed = collectives.pack(payload)
 
         def launch() -> Finish:
-            pending = C.all_gather(packed, link.group, async_op=True)
+            pending = collectives.all_gather(packed, link.group, async_op=True)
 
             def finish() -> Tensor:
                 gathered = pending.wait()  # type: ignore[union-attr]
-                payloads = [C.unpack(buf, layout) for buf in gathered]
+                payloads = [collectives.unpack(buf, layout) for buf in gathered]
                 return compressor.aggregate(payloads, numel, key) / link.size
 
             return finish
@@ -743,24 +749,27 @@ class GradientSync:
         if has_feedback(state.memory):
             sent = [compressor.decompress(p, shard, k) for p, k in zip(payloads, keys, strict=True)]
             state.memory.update(state.index, compensated, torch.cat(sent) if shard else padded)
-        layout = C.Layout.of(payloads[0])
-        buffers = [C.pack(p) for p in payloads]
+        layout = collectives.Layout.of(payloads[0])
+        buffers = [collectives.pack(p) for p in payloads]
 
         def launch() -> Finish:
-            pending = C.all_to_all_v(
+            pending = collectives.all_to_all_v(
                 buffers, link.group, async_op=True, recv_sizes=[layout.nbytes] * n
             )
 
             def finish() -> Tensor:
                 received = pending.wait()  # type: ignore[union-attr]
-                mine = [C.unpack(buf, layout) for buf in received]
+                mine = [collectives.unpack(buf, layout) for buf in received]
                 shard_sum = compressor.aggregate(mine, shard, keys[link.rank])
                 key2 = (state.index, "reduced")
                 with self._counting():
                     again = self._compress(compressor, state.second_memory, shard_sum, key2)
-                    gathered = C.all_gather(C.pack(again), link.group)
-                layout2 = C.Layout.of(again)
-                parts = [compressor.decompress(C.unpack(b, layout2), shard, key2) for b in gathered]
+                    gathered = collectives.all_gather(collectives.pack(again), link.group)
+                layout2 = collectives.Layout.of(again)
+                parts = [
+                    compressor.decompress(collectives.unpack(b, layout2), shard, key2)
+                    for b in gathered
+                ]
                 return torch.cat(parts)[:numel] / n if parts else flat
 
             return finish
