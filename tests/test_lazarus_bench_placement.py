@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from thrifty.bench.lazarus import (
+from thrifty.lazarus.benchmark import (
     PLACEMENTS,
     placement_comparison,
     placement_scaling,

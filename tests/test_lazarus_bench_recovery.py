@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from thrifty.bench.lazarus import _torchrun_restart, _warm_relaunch
+from thrifty.lazarus.benchmark import _torchrun_restart, _warm_relaunch
 from thrifty.cli import app
 from thrifty.lazarus.moe import CompactVocab
 from thrifty.lazarus.runtime import LazarusConfig

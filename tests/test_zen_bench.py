@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from thrifty.bench import run_ranks
-from thrifty.bench.zen import (
+from thrifty.zen.benchmark import (
     _bench_cell,
     _merge_ranks,
     goal_checks,

@@ -62,7 +62,7 @@ log = logging.getLogger(__name__)
 TOPOLOGIES = ((2, 2), (1, 2))
 COMPRESSORS = ("randomk", "dgc", "efsignsgd")
 CALIBRATION_SIZES = (16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
-MODULE = "thrifty.bench.bytecomp"  # also when this file runs as __main__
+MODULE = "thrifty.bytecomp.benchmark"  # also when this file runs as __main__
 
 
 def _decide_all(

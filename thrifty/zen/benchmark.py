@@ -60,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MODULE = "thrifty.bench.zen"
+MODULE = "thrifty.zen.benchmark"
 NODES = (2, 4, 8)
 RATES = ("1gbit", "10gbit")
 DENSITIES = (0.001, 0.01, 0.05)
