@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from thrifty.lazarus import allocate_replicas
 from thrifty.lazarus.benchmark import (
     PLACEMENTS,
     placement_comparison,
@@ -13,7 +14,6 @@ from thrifty.lazarus.benchmark import (
     plot_placement_comparison,
     zipf_loads,
 )
-from thrifty.lazarus import allocate_replicas
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from thrifty.lazarus.benchmark import _torchrun_restart, _warm_relaunch
 from thrifty.cli import app
+from thrifty.lazarus.benchmark import _torchrun_restart, _warm_relaunch
 from thrifty.lazarus.moe import CompactVocab
 from thrifty.lazarus.runtime import LazarusConfig
 

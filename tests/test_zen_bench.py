@@ -12,6 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from thrifty.bench import run_ranks
+from thrifty.cli import app
+from thrifty.zen import AutoScheme, sync_sparse
 from thrifty.zen.benchmark import (
     _bench_cell,
     _merge_ranks,
@@ -19,8 +21,6 @@ from thrifty.zen.benchmark import (
     prepare_inputs,
     summary_rows,
 )
-from thrifty.cli import app
-from thrifty.zen import AutoScheme, sync_sparse
 
 SCHEMES = ("dense", "agsparse", "sparcml", "omnireduce", "zen", "auto")
 
