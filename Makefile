@@ -22,14 +22,16 @@ $(STAMP): pyproject.toml | $(VENV)/bin/python
 demo: $(STAMP)
 	$(VENV)/bin/thrifty demo
 
-# pytest exits 5 when it collects no tests; we let that fail the build.
-test: $(STAMP)
-	$(VENV)/bin/ruff check .
+# The checks that need no run come first: lint, format, then the layer contracts of
+# pyproject.toml ([tool.importlinter]). pytest exits 5 when it collects no tests; we let
+# that fail the build.
+test: lint
 	$(VENV)/bin/python -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench-collectives: $(STAMP)
 	$(VENV)/bin/thrifty bench collectives

@@ -1,4 +1,4 @@
-"""Lazarus recovery vs torchrun restart and Fig. 8 placement: same as `thrifty lazarus bench`."""
+"""Lazarus recovery vs restarts, Fig. 8 placement, placement scaling: `thrifty lazarus bench`."""
 
 import sys
 

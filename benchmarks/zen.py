@@ -1,4 +1,8 @@
-"""Zen vs dense, AGsparse, SparCML-style and OmniReduce-style sync: same as `thrifty zen bench`."""
+"""Zen vs dense, AGsparse, SparCML-style and OmniReduce-style sync: same as `thrifty zen bench`.
+
+python benchmarks/zen.py                      # emulated NICs at 1 and 10 Gbit/s (root)
+python benchmarks/zen.py --rates loopback     # plain loopback, no rate limit, no root
+"""
 
 import sys
 

@@ -56,3 +56,32 @@ def test_bad_world_sizes_are_rejected() -> None:
     result = runner.invoke(app, ["bench", "collectives", "--world-sizes", "two"])
     assert result.exit_code != 0
     assert "comma-separated integers" in result.output
+
+
+def test_benchmark_flags_with_bad_values_are_blamed_by_name() -> None:
+    """A bad value is the user's error: exit 2 naming the flag, before any rank starts."""
+    cases = [
+        (
+            ["compress", "bench", "--rate", "loopback", "--compressors", "fp16,nope"],
+            "--compressors",
+        ),
+        (["compress", "bench", "--rate", "loopback", "--model", "resnet"], "--model"),
+        (["compress", "bench", "--rate", "fast"], "--rate"),
+        (["compress", "bench", "--rate", "loopback", "--iters", "0"], "--iters"),
+        (["compress", "bench-kernels", "--compressors", "nope"], "--compressors"),
+        (["mergecomp", "bench", "--rate", "loopback", "--mode", "greedy"], "--mode"),
+        (["mergecomp", "bench", "--rate", "loopback", "--compressors", "nope"], "--compressors"),
+        (["bytecomp", "bench", "--rate", "loopback", "--topologies", "2x2"], "--topologies"),
+        (
+            ["bytecomp", "bench", "--rate", "loopback", "--topologies", "1x2", "--models", "vit"],
+            "--models",
+        ),
+        (["bytecomp", "bench-selection", "--compressors", "nope"], "--compressors"),
+        (["bytecomp", "decide", "--compressor", "nope"], "--compressor"),
+        (["bytecomp", "decide", "--model", "vit"], "--model"),
+        (["bench", "collectives", "--rates", "loopback,fast"], "--rates"),
+    ]
+    for args, flag in cases:
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"'{flag}'" in result.output, (args, result.output)

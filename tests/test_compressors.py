@@ -7,23 +7,13 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from thrifty.compressors import (
-    BF16,
-    DGC,
-    FP16,
-    QSGD,
-    Compressor,
-    EFSignSGD,
-    NoCompression,
-    OneBit,
-    PowerSGD,
-    RandomK,
-    ResidualMemory,
-    SignSGD,
-    Signum,
-    TernGrad,
-    TopK,
-)
+from thrifty.compressors import Compressor
+from thrifty.compressors.low_precision import BF16, FP16, NoCompression
+from thrifty.compressors.memory import ResidualMemory
+from thrifty.compressors.powersgd import PowerSGD
+from thrifty.compressors.quantizers import QSGD, TernGrad
+from thrifty.compressors.sign import EFSignSGD, OneBit, SignSGD, Signum
+from thrifty.compressors.sparsifiers import DGC, RandomK, TopK
 
 CASES: dict[str, Callable[[], Compressor]] = {
     "none": NoCompression,

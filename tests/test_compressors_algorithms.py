@@ -8,22 +8,12 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from thrifty.compressors import (
-    BF16,
-    DGC,
-    FP16,
-    QSGD,
-    Compressor,
-    EFSignSGD,
-    OneBit,
-    PowerSGD,
-    RandomK,
-    SignSGD,
-    Signum,
-    SparsityWarmup,
-    TernGrad,
-    TopK,
-)
+from thrifty.compressors import Compressor
+from thrifty.compressors.low_precision import BF16, FP16
+from thrifty.compressors.powersgd import PowerSGD
+from thrifty.compressors.quantizers import QSGD, TernGrad
+from thrifty.compressors.sign import EFSignSGD, OneBit, SignSGD, Signum
+from thrifty.compressors.sparsifiers import DGC, RandomK, SparsityWarmup, TopK
 
 
 def _roundtrip(compressor: Compressor, x: torch.Tensor, key: str = "g") -> torch.Tensor:
@@ -96,9 +86,8 @@ def test_dgc_warmup_schedule_follows_the_paper() -> None:
     compressor.set_step(8)
     assert compressor.payload_spec(1000)[0].shape == (1,)
     # Stages sparser than the final density are skipped.
-    assert [SparsityWarmup(1).density(s, 0.01) for s in range(5)] == [
-        0.25, 0.0625, 0.015625, 0.01, 0.01
-    ]  # fmt: skip
+    densities = [SparsityWarmup(1).density(s, 0.01) for s in range(5)]
+    assert densities == [0.25, 0.0625, 0.015625, 0.01, 0.01]
 
 
 def test_randomk_sends_k_distinct_true_values() -> None:

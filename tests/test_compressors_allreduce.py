@@ -8,24 +8,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from thrifty.compressors import (
-    BF16,
-    FP16,
-    Compressor,
-    NoCompression,
-    PowerSGD,
-    RandomK,
-    Reduce,
-    SignSGD,
-    Signum,
-    TernGrad,
-    TopK,
-    get_compressor,
-    reduce_locally,
-    run_allreduce_rounds_locally,
-    stable_key_hash,
-)
-from thrifty.compressors.base import derive_seed
+from thrifty.compressors import Compressor, Reduce, get_compressor
+from thrifty.compressors.base import derive_seed, stable_key_hash
+from thrifty.compressors.low_precision import BF16, FP16, NoCompression
+from thrifty.compressors.powersgd import PowerSGD
+from thrifty.compressors.quantizers import TernGrad
+from thrifty.compressors.rounds import reduce_locally, run_allreduce_rounds_locally
+from thrifty.compressors.sign import SignSGD, Signum
+from thrifty.compressors.sparsifiers import RandomK, TopK
 
 ROUND_CASES: dict[str, Callable[[], Compressor]] = {
     "none": NoCompression,
@@ -134,8 +124,10 @@ def test_powersgd_is_exact_for_rank_one_sums(world: int) -> None:
 def test_powersgd_approximates_the_sum_like_a_truncated_svd(world: int) -> None:
     torch.manual_seed(4)
     basis_u, basis_v = torch.randn(48, 3), torch.randn(3, 40)
-    xs = [basis_u @ torch.diag(torch.rand(3) + 0.5) @ basis_v + 0.05 * torch.randn(48, 40)
-          for _ in range(world)]  # fmt: skip
+    xs = [
+        basis_u @ torch.diag(torch.rand(3) + 0.5) @ basis_v + 0.05 * torch.randn(48, 40)
+        for _ in range(world)
+    ]
     ranks = [PowerSGD(3, shape=(48, 40)) for _ in range(world)]
     for _ in range(8):  # warm start: one power iteration per step
         result = run_allreduce_rounds_locally(ranks, xs, "w")[0].view(48, 40)
@@ -206,8 +198,8 @@ def test_allreduce_rounds_validate_before_the_first_round() -> None:
 def test_reduce_locally_refuses_mismatched_ranks() -> None:
     with pytest.raises(RuntimeError, match="rank 1"):
         reduce_locally([Reduce(torch.zeros(3)), Reduce(torch.zeros(4))])
-    assert reduce_locally([Reduce(torch.ones(2), "max"), Reduce(torch.tensor([3.0, 0.0]), "max")]
-                          ).tolist() == [3.0, 1.0]  # fmt: skip
+    maxed = reduce_locally([Reduce(torch.ones(2), "max"), Reduce(torch.tensor([3.0, 0.0]), "max")])
+    assert maxed.tolist() == [3.0, 1.0]
     with pytest.raises(RuntimeError, match="rank 1 asked for sum of \\(400,\\)"):
         run_allreduce_rounds_locally(
             [PowerSGD(1), PowerSGD(1, min_compression_rate=1000.0)],

@@ -125,8 +125,7 @@ def train_every_recipe(
         began = time.perf_counter()
         torch.manual_seed(seed)  # the same initial weights for every recipe
         model = DigitsCNN()
-        sync = GradientSync(model, compressor=recipe.compressor, plan=recipe.plan,
-                            **recipe.options)  # fmt: skip
+        sync = GradientSync(model, compressor=recipe.compressor, plan=recipe.plan, **recipe.options)
         # Random-k, QSGD and TernGrad draw from torch's default generator:
         # give every rank its own stream, as independent processes would have.
         torch.manual_seed(seed + 1 + rank)

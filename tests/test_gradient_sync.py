@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -122,9 +124,12 @@ def check_unused_frozen_shared() -> None:
     torch.manual_seed(0)
     model = Awkward()
     reference = copy.deepcopy(model)
-    sync = GradientSync(model, plan=Plan.contiguous(
-        [n_ for n_, p in reversed(list(model.named_parameters())) if p.requires_grad], [1, 2]
-    ))  # fmt: skip
+    sync = GradientSync(
+        model,
+        plan=Plan.contiguous(
+            [n_ for n_, p in reversed(list(model.named_parameters())) if p.requires_grad], [1, 2]
+        ),
+    )
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(rank))
     use_branch = rank == 0
     model(x, use_branch).square().sum().backward()
@@ -170,6 +175,31 @@ def test_strategy_validation() -> None:
     assert plan.fingerprint() == Plan.from_dict(plan.to_dict()).fingerprint()
 
 
+def test_planners_come_from_their_registry_only() -> None:
+    """A planner name resolves once its system registered it; the engine imports no system."""
+    code = """
+import sys
+import thrifty.sync
+from thrifty.sync.engine import get_planner
+systems = ("thrifty.mergecomp", "thrifty.bytecomp", "thrifty.zen", "thrifty.lazarus",
+           "thrifty.marconi")
+assert not [m for m in sys.modules if m.startswith(systems)], "thrifty.sync imported a system"
+try:
+    get_planner("mergecomp")
+except ValueError as exc:
+    print("before:", exc)
+import thrifty.mergecomp
+print("after:", type(get_planner("mergecomp")).__name__)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert "before: unknown plan 'mergecomp'" in done.stdout
+    assert "import thrifty.mergecomp" in done.stdout
+    assert "after: MergeComp" in done.stdout
+
+
 def run_every_compressor(names: list[str]) -> dict[str, float]:
     """Each compressor, each collective it allows: 3 steps, finite grads, close to the mean."""
     rank, n = dist.get_rank(), dist.get_world_size()
@@ -183,9 +213,12 @@ def run_every_compressor(names: list[str]) -> dict[str, float]:
             torch.manual_seed(0)
             model = SmallNet()
             reference = copy.deepcopy(model)
-            sync = GradientSync(model, plan=Plan.whole_model(
-                [k for k, _ in reversed(list(model.named_parameters()))], strategy
-            ))  # fmt: skip
+            sync = GradientSync(
+                model,
+                plan=Plan.whole_model(
+                    [k for k, _ in reversed(list(model.named_parameters()))], strategy
+                ),
+            )
             for step in range(3):
                 x, y = _batch(step, rank)
                 model.zero_grad()

@@ -57,9 +57,19 @@ def test_cli_runs_with_tiny_sizes(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("THRIFTY_RESULTS", str(tmp_path))
     result = CliRunner().invoke(
         app,
-        ["compress", "bench-kernels", "--sizes", "4096,16K", "--compressors", "signsgd,powersgd",
-         "--reps", "2", "--budget", "0"],
-    )  # fmt: skip
+        [
+            "compress",
+            "bench-kernels",
+            "--sizes",
+            "4096,16K",
+            "--compressors",
+            "signsgd,powersgd",
+            "--reps",
+            "2",
+            "--budget",
+            "0",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "torch.clone" in result.output and "powersgd" in result.output
     doc = json.loads((tmp_path / "compress_kernels.json").read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from thrifty.bench import RankFailure, RanksTimedOut, loopback_store, run_ranks
+from thrifty.bench.launch import RankFailure, RanksTimedOut, loopback_store, run_ranks
 
 
 def rank_sum(offset: float) -> tuple[int, int, float]:

@@ -22,9 +22,15 @@ def _corpus():
 
 
 CFG = LazarusConfig(
-    workers=3, slots=2, experts=3, vocab=512, steps=9, kill_ranks=(1,), kill_at_step=6,
+    workers=3,
+    slots=2,
+    experts=3,
+    vocab=512,
+    steps=9,
+    kill_ranks=(1,),
+    kill_at_step=6,
     checkpoint_every=4,
-)  # fmt: skip
+)
 
 
 def test_torchrun_restarts_every_worker_and_resumes_from_the_checkpoint() -> None:

@@ -14,13 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thrifty.lazarus import (
-    dispatch_local,
-    mro_placement,
-    plan_dispatch,
-    split_evenly,
-    token_counts,
-)
+from thrifty.lazarus import plan_dispatch
+from thrifty.lazarus.dispatcher import dispatch_local, split_evenly, token_counts
+from thrifty.lazarus.placement import mro_placement
 
 
 def _all_to_all(buffers: list[torch.Tensor], splits: list[list[int]]) -> list[torch.Tensor]:

@@ -18,17 +18,14 @@ import time
 
 import pytest
 
-from thrifty.lazarus import (
-    Placement,
-    allocate_replicas,
+from thrifty.lazarus import Placement, allocate_replicas, place_experts, search_placement
+from thrifty.lazarus.placement import (
     compact_placement,
     enforce_distinct_nodes,
     mro_placement,
-    optimal_placement,
-    place_experts,
     rotation_placement,
-    search_placement,
 )
+from thrifty.lazarus.placement_search import optimal_placement
 
 log = logging.getLogger(__name__)
 

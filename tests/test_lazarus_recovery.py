@@ -12,15 +12,16 @@ from hypothesis import strategies as st
 
 from thrifty.lazarus import (
     Placement,
-    RecoveryScorer,
     allocate_replicas,
-    hoeffding_half_width,
-    hoeffding_samples,
-    mro_placement,
-    recoverable_counts,
     recovery_estimate,
     recovery_probability,
-    rotation_placement,
+)
+from thrifty.lazarus.placement import mro_placement, rotation_placement
+from thrifty.lazarus.recovery import (
+    RecoveryScorer,
+    hoeffding_half_width,
+    hoeffding_samples,
+    recoverable_counts,
 )
 
 EXACT = ("table", "enumerate", "inclusion_exclusion")
@@ -75,8 +76,10 @@ def placements(draw, max_nodes=8):
     nodes = draw(st.integers(1, max_nodes))
     slots = draw(st.integers(1, 3))
     experts = draw(st.integers(1, nodes * slots))
-    content = [draw(st.lists(st.integers(0, experts - 1), min_size=slots, max_size=slots))
-               for _ in range(nodes)]  # fmt: skip
+    content = [
+        draw(st.lists(st.integers(0, experts - 1), min_size=slots, max_size=slots))
+        for _ in range(nodes)
+    ]
     return Placement(tuple(tuple(node) for node in content), experts)
 
 

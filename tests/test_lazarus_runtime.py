@@ -7,18 +7,19 @@ import functools
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from thrifty.bench.launch import run_ranks
-from thrifty.lazarus.moe import CompactVocab
-from thrifty.lazarus.runtime import LazarusConfig, moe_dispatch, summarize, train_rank
+from thrifty.lazarus import allocate_replicas, place_experts
+from thrifty.lazarus.moe import CompactVocab, MoEGPT, init_expert, local_moe, sharegpt_corpus
+from thrifty.lazarus.runtime import LazarusConfig, _batch, moe_dispatch, summarize, train_rank
 
 
 @functools.cache
 def _corpus() -> torch.Tensor:
-    # Real text when the package is there; the runtime does not care where ids come from.
+    # Real text when the optional ShareGPT packages are there; the runtime does not care
+    # where ids come from.
     try:
-        from thrifty.lazarus.moe import sharegpt_corpus
-
         return sharegpt_corpus(30_000, 512)
     except ImportError:
         g = torch.Generator().manual_seed(0)
@@ -66,9 +67,15 @@ def _check_nothing_lost(results: list, cfg: LazarusConfig) -> None:
 
 def test_kill_one_rank_recovers_without_reload() -> None:
     cfg = LazarusConfig(
-        workers=4, slots=3, experts=6, vocab=512, steps=14, kill_ranks=(2,), kill_at_step=6,
+        workers=4,
+        slots=3,
+        experts=6,
+        vocab=512,
+        steps=14,
+        kill_ranks=(2,),
+        kill_at_step=6,
         return_states=True,
-    )  # fmt: skip
+    )
     results = _run(cfg)
     assert results[2] is None
     _check_nothing_lost(results, cfg)
@@ -85,9 +92,15 @@ def test_kill_one_rank_recovers_without_reload() -> None:
 def test_kill_two_ranks_at_once() -> None:
     # 4 experts x 3 replicas on 4 nodes x 3 slots: any two failures leave a replica.
     cfg = LazarusConfig(
-        workers=4, slots=3, experts=4, vocab=512, steps=12, kill_ranks=(1, 2), kill_at_step=5,
+        workers=4,
+        slots=3,
+        experts=4,
+        vocab=512,
+        steps=12,
+        kill_ranks=(1, 2),
+        kill_at_step=5,
         return_states=True,
-    )  # fmt: skip
+    )
     results = _run(cfg)
     assert results[1] is None and results[2] is None
     _check_nothing_lost(results, cfg)
@@ -97,14 +110,19 @@ def test_kill_two_ranks_at_once() -> None:
 
 def test_lost_expert_falls_back_to_checkpoint(tmp_path) -> None:
     # 4 nodes x 2 slots, 4 experts x 2 replicas: kill both holders of one expert.
-    from thrifty.lazarus import allocate_replicas, place_experts
-
     placement = place_experts(allocate_replicas([0] * 4, 4, 2, 2).replicas, 4, 2)
     victims = next(tuple(sorted(placement.holders(e))) for e in range(4))
     cfg = LazarusConfig(
-        workers=4, slots=2, experts=4, vocab=512, steps=8, kill_ranks=victims, kill_at_step=5,
-        checkpoint_every=4, checkpoint_dir=str(tmp_path),
-    )  # fmt: skip
+        workers=4,
+        slots=2,
+        experts=4,
+        vocab=512,
+        steps=8,
+        kill_ranks=victims,
+        kill_at_step=5,
+        checkpoint_every=4,
+        checkpoint_dir=str(tmp_path),
+    )
     report = summarize(cfg, _run(cfg), 0.0)
     (rec,) = report["reconfigurations"]
     assert rec["checkpoint_reload"] and rec["lost_experts"] and rec["resumed_at_step"] == 4
@@ -155,9 +173,15 @@ def _check_replicas_agree(results: list, cfg: LazarusConfig) -> None:
 
 def test_a_new_rank_joins_at_a_step_boundary_and_receives_replicas() -> None:
     cfg = LazarusConfig(
-        workers=3, slots=3, experts=6, vocab=512, steps=12, joiners=1, join_at_step=4,
+        workers=3,
+        slots=3,
+        experts=6,
+        vocab=512,
+        steps=12,
+        joiners=1,
+        join_at_step=4,
         return_states=True,
-    )  # fmt: skip
+    )
     results = _run(cfg)
     _check_replicas_agree(results, cfg)
     joiner = results[3]
@@ -177,12 +201,16 @@ def test_a_new_rank_joins_at_a_step_boundary_and_receives_replicas() -> None:
 
 
 def test_periodic_reallocation_follows_the_recent_token_loads() -> None:
-    from thrifty.lazarus import allocate_replicas
-
     cfg = LazarusConfig(
-        workers=4, slots=4, experts=4, top_k=1, vocab=512, steps=10, reallocate_every=3,
+        workers=4,
+        slots=4,
+        experts=4,
+        top_k=1,
+        vocab=512,
+        steps=10,
+        reallocate_every=3,
         return_states=True,
-    )  # fmt: skip
+    )
     results = _run(cfg)
     _check_replicas_agree(results, cfg)
     report = summarize(cfg, results, 0.0)
@@ -200,17 +228,14 @@ def test_periodic_reallocation_follows_the_recent_token_loads() -> None:
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_distributed_loss_equals_a_full_forward_with_every_expert_local(top_k: int) -> None:
-    import torch.nn.functional as F
-
-    from thrifty.lazarus.moe import MoEGPT, init_expert, local_moe
-    from thrifty.lazarus.runtime import _batch
-
     cfg = LazarusConfig(workers=3, slots=2, experts=4, top_k=top_k, vocab=512, steps=1)
     (result, *_) = _run(cfg)
     torch.manual_seed(cfg.seed)
     model = MoEGPT(cfg.model)
-    experts = [[init_expert(cfg.model, layer, e, cfg.seed) for e in range(cfg.experts)]
-               for layer in range(cfg.layers)]  # fmt: skip
+    experts = [
+        [init_expert(cfg.model, layer, e, cfg.seed) for e in range(cfg.experts)]
+        for layer in range(cfg.layers)
+    ]
     losses = []
     for rank in range(cfg.workers):
         x, y = _batch(_corpus(), cfg, 0, rank, cfg.workers)
@@ -223,9 +248,17 @@ def test_distributed_loss_equals_a_full_forward_with_every_expert_local(top_k: i
 def test_a_replacement_joins_after_a_failure() -> None:
     # The spot-instance pattern: a node dies, a new one arrives later and takes replicas.
     cfg = LazarusConfig(
-        workers=4, slots=3, experts=6, vocab=512, steps=12, kill_ranks=(2,), kill_at_step=4,
-        joiners=1, join_at_step=7, return_states=True,
-    )  # fmt: skip
+        workers=4,
+        slots=3,
+        experts=6,
+        vocab=512,
+        steps=12,
+        kill_ranks=(2,),
+        kill_at_step=4,
+        joiners=1,
+        join_at_step=7,
+        return_states=True,
+    )
     results = _run(cfg)
     assert results[2] is None
     _check_replicas_agree(results, cfg)

@@ -34,9 +34,19 @@ def test_simulate_sweeps_policies_and_sizes(tmp_path, results):
     path = write_jsonl(synthetic_trace(num_sessions=6, seed=1), tmp_path / "t.jsonl")
     result = runner.invoke(
         app,
-        ["marconi", "simulate", "--trace", str(path), "--sizes-gb", "0.2,2",
-         "--workers", "1", "--ttft", "paper"],
-    )  # fmt: skip
+        [
+            "marconi",
+            "simulate",
+            "--trace",
+            str(path),
+            "--sizes-gb",
+            "0.2,2",
+            "--workers",
+            "1",
+            "--ttft",
+            "paper",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads((results / "marconi_sweep.json").read_text())
     assert len(payload["results"]) == 6  # 3 policies x 2 sizes
@@ -46,6 +56,28 @@ def test_simulate_sweeps_policies_and_sizes(tmp_path, results):
     assert "goal marconi_never_below_sglang" in result.output
     bad = runner.invoke(app, ["marconi", "simulate", "--trace", str(path), "--policies", "lfu"])
     assert bad.exit_code != 0 and "lfu" in bad.output
+    assert "Invalid value for '--policies'" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("args", "flag"),
+    [
+        (["--trace", "missing.jsonl"], "--trace"),
+        (["--source", "reddit"], "--source"),
+        (["--source", "synthetic", "--tuner", "greedy"], "--tuner"),
+        (["--source", "synthetic", "--ttft", "missing.json"], "--ttft"),
+        (["--source", "synthetic", "--sizes-gb", "0"], "--sizes-gb"),
+    ],
+)
+def test_simulate_names_the_bad_flag(tmp_path, results, args, flag):
+    bad = runner.invoke(app, ["marconi", "simulate", *args])
+    assert bad.exit_code == 2, bad.output
+    assert f"Invalid value for '{flag}'" in bad.output
+
+
+def test_trace_names_the_bad_flag(results):
+    bad = runner.invoke(app, ["marconi", "trace", "--message-format", "xml"])
+    assert bad.exit_code == 2 and "Invalid value for '--message-format'" in bad.output
 
 
 def test_serve_trace_measures_ttft_on_a_tiny_trace(tmp_path, results):
@@ -62,10 +94,25 @@ def test_serve_trace_measures_ttft_on_a_tiny_trace(tmp_path, results):
     path = write_jsonl(trace, tmp_path / "tiny.jsonl")
     result = runner.invoke(
         app,
-        ["marconi", "serve-trace", "--trace", str(path), "--budgets-mb", "4",
-         "--repeats", "1", "--name", "serve_smoke", "--vocab-size", "32000",
-         "--hidden-size", "64", "--layers", "4"],
-    )  # fmt: skip
+        [
+            "marconi",
+            "serve-trace",
+            "--trace",
+            str(path),
+            "--budgets-mb",
+            "4",
+            "--repeats",
+            "1",
+            "--name",
+            "serve_smoke",
+            "--vocab-size",
+            "32000",
+            "--hidden-size",
+            "64",
+            "--layers",
+            "4",
+        ],
+    )
     assert result.exit_code == 0, result.output
     payload = json.loads((results / "serve_smoke.json").read_text())
     engines = {row["engine"] for row in payload["rows"]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -117,3 +119,24 @@ def test_simulate_rejects_bad_arguments(trace):
         sweep(trace, policies=("lru",))
     with pytest.raises(ValueError, match="unknown tuner"):
         simulate(trace, "marconi", GB, tuner="bayes")
+
+
+def test_marconi_imports_no_training_substrate_and_no_benchmark_code() -> None:
+    """In a fresh interpreter: the library modules load neither the harness nor comm/sync;
+    the benchmark module loads the harness's result files but no training substrate."""
+    code = """
+import sys
+training = ("thrifty.comm", "thrifty.sync", "thrifty.compressors")
+others = ("thrifty.zen", "thrifty.mergecomp", "thrifty.bytecomp", "thrifty.lazarus")
+import thrifty.marconi, thrifty.marconi.engine, thrifty.marconi.tuner
+benchmark = ("thrifty.bench", "thrifty.marconi.benchmark")
+library = sorted(m for m in sys.modules if m.startswith((*training, *others, *benchmark)))
+import thrifty.marconi.benchmark
+bench = sorted(m for m in sys.modules if m.startswith((*training, *others)))
+print(library, bench)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[] []"

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from thrifty.marconi.sharegpt import ShareGPTReader, sharegpt_trace
+from thrifty.data.sharegpt import ShareGPTReader
+from thrifty.marconi.sharegpt import sharegpt_trace
 from thrifty.marconi.traces import (
     Request,
     Trace,

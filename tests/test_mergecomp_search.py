@@ -41,8 +41,14 @@ def _profile(numels, gaps, strategy, encode_fixed, encode_per, decode_fixed) -> 
         [encode_fixed + encode_per * s for s in sizes],
         [decode_fixed + encode_per * s / 3 for s in sizes],
     )
-    return Profile(tensors, forward=1e-3, backward=t + 1e-4, step=1e-4, world_size=2,
-                   costs={strategy.cost_key(): cost})  # fmt: skip
+    return Profile(
+        tensors,
+        forward=1e-3,
+        backward=t + 1e-4,
+        step=1e-4,
+        world_size=2,
+        costs={strategy.cost_key(): cost},
+    )
 
 
 STRATEGIES = [

@@ -14,8 +14,9 @@ from thrifty.sync.profile import CompressionCost, Profile, TensorProfile, profil
 from thrifty.sync.timeline import comm_time, simulate
 
 # 2 ranks, no latency, 1 byte per microsecond per rank: all-reduce of B bytes takes B us.
-NET = NetworkModel("toy", {p: {2: AlphaBeta(0.0, 1e-6)} for p in
-                           ("all_reduce", "all_gather", "all_to_all")})  # fmt: skip
+NET = NetworkModel(
+    "toy", {p: {2: AlphaBeta(0.0, 1e-6)} for p in ("all_reduce", "all_gather", "all_to_all")}
+)
 US = 1e-6
 
 
@@ -25,8 +26,9 @@ def _profile(costs: dict[str, CompressionCost] | None = None) -> Profile:
         TensorProfile("b", 100, "float32", 20 * US),
         TensorProfile("a", 100, "float32", 30 * US),
     ]
-    return Profile(tensors, forward=50 * US, backward=40 * US, step=5 * US, world_size=2,
-                   costs=costs or {})  # fmt: skip
+    return Profile(
+        tensors, forward=50 * US, backward=40 * US, step=5 * US, world_size=2, costs=costs or {}
+    )
 
 
 def test_uncompressed_layer_wise_fifo_channel() -> None:
@@ -73,8 +75,9 @@ def test_profile_model_orders_tensors_as_backward_does() -> None:
     x, y = torch.randn(8, 16), torch.randint(0, 4, (8,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     strategies = [Strategy.make("fp16"), Strategy.make("topk", ratio=0.1)]
-    prof = profile_model(model, lambda: F.cross_entropy(model(x), y), opt, iters=3,
-                         compressors=strategies)  # fmt: skip
+    prof = profile_model(
+        model, lambda: F.cross_entropy(model(x), y), opt, iters=3, compressors=strategies
+    )
     assert prof.names[:2] == ["2.bias", "2.weight"] or prof.names[:2] == ["2.weight", "2.bias"]
     assert set(prof.names[2:]) == {"0.weight", "0.bias"}
     readies = [t.ready for t in prof.tensors]

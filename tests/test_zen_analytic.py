@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from thrifty.zen import SparsityStats, choose_bp_or_hc, measure_sparsity, predict_wire_bytes
+from thrifty.zen import SparsityStats, measure_sparsity, predict_wire_bytes
 from thrifty.zen.analytic import (
     SCHEME_NAMES,
     densification_ratios,
@@ -18,6 +18,7 @@ from thrifty.zen.analytic import (
     eq2_hc_volume,
     gamma_at,
 )
+from thrifty.zen.selection import choose_bp_or_hc
 
 
 def _random_model_gammas(n: int, p: float) -> dict[int, float]:
@@ -55,8 +56,12 @@ def test_selection_follows_eq1_and_eq2() -> None:
 
 
 def test_measure_sparsity_on_known_sets() -> None:
-    sets = [torch.tensor([0, 1, 2, 3]), torch.tensor([2, 3, 4, 5]),
-            torch.tensor([0, 1, 2, 3]), torch.tensor([96, 97, 98, 99])]  # fmt: skip
+    sets = [
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([2, 3, 4, 5]),
+        torch.tensor([0, 1, 2, 3]),
+        torch.tensor([96, 97, 98, 99]),
+    ]
     stats = measure_sparsity(sets, num_rows=100, rows_per_block=10)
     assert stats.density == pytest.approx(0.04)
     # Groups of 2: {0,1} -> 6 rows, {2,3} -> 8 rows; all four -> 10 rows.

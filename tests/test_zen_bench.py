@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 from typer.testing import CliRunner
 
 from thrifty.bench import run_ranks
@@ -27,8 +28,6 @@ SCHEMES = ("dense", "agsparse", "sparcml", "omnireduce", "zen", "auto")
 
 def _timed_choice() -> dict[str, Any]:
     """AutoScheme(criterion="time") tries each candidate, then keeps the fastest."""
-    import torch.distributed as dist
-
     rank = dist.get_rank()
     idx = torch.randperm(50_000, generator=torch.Generator().manual_seed(rank))[:500]
     tensor = torch.sparse_coo_tensor(idx.view(1, -1), torch.randn(500), (50_000,))
@@ -39,8 +38,12 @@ def _timed_choice() -> dict[str, Any]:
     for _ in range(5):
         out = sync_sparse(tensor, auto, average=False, output="dense")
         errors.append((out - reference).abs().max().item())
-    return {"chosen": auto.chosen, "tried": [name for name, _ in auto.timings],
-            "times": [t for _, t in auto.timings], "error": max(errors)}  # fmt: skip
+    return {
+        "chosen": auto.chosen,
+        "tried": [name for name, _ in auto.timings],
+        "times": [t for _, t in auto.timings],
+        "error": max(errors),
+    }
 
 
 def _rank(path: str) -> dict[str, Any]:
@@ -110,9 +113,15 @@ def test_goal_checks_flag_what_fails(payload: dict[str, Any]) -> None:
     assert goals["auto_never_5pct_slower_than_best"]["violations"][0]["density"] == 0.002
     assert not goals["bytes_within_10pct_of_model"]["holds"]
     assert goals["bytes_within_10pct_of_model"]["outside"] == [
-        {"scheme": "zen", "ratio": 1.2, "rate": "x", "nodes": 3, "source": "uniform",
-         "density": 0.05}
-    ]  # fmt: skip
+        {
+            "scheme": "zen",
+            "ratio": 1.2,
+            "rate": "x",
+            "nodes": 3,
+            "source": "uniform",
+            "density": 0.05,
+        }
+    ]
     assert goals["lstm_n8_1gbit"]["rows"] == []  # not measured here: not claimed either
     assert not goals["lstm_n8_1gbit"]["holds_2x_agsparse"]
 
@@ -120,9 +129,20 @@ def test_goal_checks_flag_what_fails(payload: dict[str, Any]) -> None:
 def test_cli_analyze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("THRIFTY_RESULTS", str(tmp_path))
     result = CliRunner().invoke(
-        app, ["zen", "analyze", "--workloads", "deepfm", "--workers", "2", "--steps", "1",
-              "--sizes", "2"],
-    )  # fmt: skip
+        app,
+        [
+            "zen",
+            "analyze",
+            "--workloads",
+            "deepfm",
+            "--workers",
+            "2",
+            "--steps",
+            "1",
+            "--sizes",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "deepfm" in result.output and "gamma" in result.output
     saved = json.loads((tmp_path / "zen_analysis.json").read_text())
@@ -130,3 +150,20 @@ def test_cli_analyze(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert (tmp_path / "zen_analysis.png").stat().st_size > 10_000
     bad = CliRunner().invoke(app, ["zen", "analyze", "--workloads", "bert"])
     assert bad.exit_code != 0 and "unknown workload 'bert'" in bad.output
+    assert "Invalid value for '--workloads'" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--sources", "bert", "unknown sources ['bert']"),
+        ("--schemes", "zen,fast", "unknown schemes ['fast']"),
+        ("--rates", "fast", "cannot parse rate 'fast'"),
+        ("--nodes", "1", "nodes must be >= 2"),
+        ("--densities", "150%", "densities must be in (0, 1]"),
+    ],
+)
+def test_cli_bench_names_the_bad_flag_before_launching(flag: str, value: str, says: str) -> None:
+    bad = CliRunner().invoke(app, ["zen", "bench", "--rates", "loopback", flag, value])
+    assert bad.exit_code == 2, bad.output
+    assert f"Invalid value for '{flag}'" in bad.output and says in bad.output

@@ -7,14 +7,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from thrifty.zen import (
-    OwnerHash,
-    SparseRows,
-    h0_imbalance,
-    hierarchical_hash_partition,
-    imbalance_ratio,
-    partition_by_owner,
-)
 from thrifty.zen.hash_bitmap import (
     bitmap_bytes,
     decode_pull,
@@ -24,6 +16,14 @@ from thrifty.zen.hash_bitmap import (
     pull_uses_bitmap,
     unpack_bits,
 )
+from thrifty.zen.hierarchical_hashing import (
+    h0_imbalance,
+    hierarchical_hash_partition,
+    imbalance_ratio,
+    partition_by_owner,
+)
+from thrifty.zen.owner_hash import OwnerHash
+from thrifty.zen.sparse_rows import SparseRows, wire_index_dtype
 
 FAST = settings(max_examples=40, deadline=None)
 
@@ -90,9 +90,13 @@ def test_owner_hash_balances_heavy_skew() -> None:
     serial_fraction=st.floats(0.0, 0.5),
 )
 def test_hierarchical_hashing_equals_h0_partition(
-    data: st.DataObject, num_rows: int, owners: int, probes: int, slack: float,
+    data: st.DataObject,
+    num_rows: int,
+    owners: int,
+    probes: int,
+    slack: float,
     serial_fraction: float,
-) -> None:  # fmt: skip
+) -> None:
     count = data.draw(st.integers(0, num_rows))
     seed = data.draw(st.integers(0, 2**40))
     indices = torch.randperm(num_rows, generator=torch.Generator().manual_seed(seed))[:count]
@@ -102,9 +106,14 @@ def test_hierarchical_hashing_equals_h0_partition(
     h0 = OwnerHash(num_rows, owners, seed)
     owner = h0.owner(indices)
     hashed = hierarchical_hash_partition(
-        indices, owner, owners, probes=probes, slack=slack, serial_fraction=serial_fraction,
+        indices,
+        owner,
+        owners,
+        probes=probes,
+        slack=slack,
+        serial_fraction=serial_fraction,
         seed=seed,
-    )  # fmt: skip
+    )
     simple = partition_by_owner(owner, owners)
     assert len(hashed.parts) == owners
     for got, want in zip(hashed.parts, simple, strict=True):
@@ -151,9 +160,13 @@ def test_bitmap_roundtrip(data: st.DataObject, list_size: int) -> None:
     fmt=st.sampled_from(["auto", "coo", "bitmap"]),
 )
 def test_pull_message_size_tells_its_format(
-    data: st.DataObject, list_size: int, row_numel: int, index_dtype: torch.dtype,
-    value_dtype: torch.dtype, fmt: str,
-) -> None:  # fmt: skip
+    data: st.DataObject,
+    list_size: int,
+    row_numel: int,
+    index_dtype: torch.dtype,
+    value_dtype: torch.dtype,
+    fmt: str,
+) -> None:
     count = data.draw(st.integers(0, list_size))
     positions = torch.randperm(list_size)[:count].sort().values
     values = torch.randn(count, row_numel).to(value_dtype)
@@ -184,14 +197,16 @@ def test_bitmap_is_chosen_only_when_smaller() -> None:
 
 def test_sparse_rows_roundtrip_and_duplicates() -> None:
     coords = torch.tensor([[0, 2, 0, 1], [3, 1, 3, 0]])
-    tensor = torch.sparse_coo_tensor(coords, torch.tensor([1.0, 2.0, 3.0, 4.0]), (3, 5),
-                                     check_invariants=True)  # fmt: skip
+    tensor = torch.sparse_coo_tensor(
+        coords, torch.tensor([1.0, 2.0, 3.0, 4.0]), (3, 5), check_invariants=True
+    )
     rows = SparseRows.from_sparse(tensor)
     assert rows.num_rows == 15 and rows.row_numel == 1
     assert rows.indices.tolist() == [3, 5, 11] and rows.values.flatten().tolist() == [4.0, 4.0, 2.0]
     assert torch.equal(rows.to_sparse().to_dense(), tensor.to_dense())
-    hybrid = torch.sparse_coo_tensor(torch.tensor([[4, 0, 4]]), torch.ones(3, 2, 2), (6, 2, 2),
-                                     check_invariants=True)  # fmt: skip
+    hybrid = torch.sparse_coo_tensor(
+        torch.tensor([[4, 0, 4]]), torch.ones(3, 2, 2), (6, 2, 2), check_invariants=True
+    )
     rows = SparseRows.from_sparse(hybrid)
     assert rows.num_rows == 6 and rows.row_numel == 4 and rows.indices.tolist() == [0, 4]
     assert torch.equal(rows.to_sparse().to_dense(), hybrid.to_dense())
@@ -200,6 +215,4 @@ def test_sparse_rows_roundtrip_and_duplicates() -> None:
 
 @pytest.mark.parametrize("num_rows", [1, 2**31 - 1, 2**31])
 def test_wire_index_dtype(num_rows: int) -> None:
-    from thrifty.zen.sparse_rows import wire_index_dtype
-
     assert wire_index_dtype(num_rows) == (torch.int32 if num_rows < 2**31 else torch.int64)

@@ -4,11 +4,16 @@ One ``run_ranks`` call (2 ranks) trains the same LSTM language model from the
 same seeds with every configuration and compares each with a reference that
 does not use GradientSync at all: plain ``dist.all_reduce`` of the densified
 gradients. Starting ranks costs more than the training, so the checks share it.
+Schemes reach GradientSync by name (``import thrifty.zen`` registers them), as
+an object, or as a factory; the substrate itself never imports Zen (checked in
+a fresh interpreter).
 """
 
 from __future__ import annotations
 
 import functools
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -16,12 +21,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+import thrifty.zen  # registers Zen's schemes with GradientSync: sparse_scheme="zen" works
 from thrifty.bench import run_ranks
 from thrifty.sync import GradientSync
+from thrifty.sync.engine import _sparse_parameter_names
+from thrifty.zen import AutoScheme, make_scheme
 from thrifty.zen.workloads import LSTMLanguageModel
 
 VOCAB, STEPS = 5000, 6
-SCHEMES = ("zen", "agsparse", "sparcml", "omnireduce", "dense", "auto")
+SCHEMES = tuple(thrifty.zen.SCHEMES)  # zen, dense, agsparse, sparcml, omnireduce, auto
 
 
 def _batch(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +64,7 @@ def _reference_sync(model: nn.Module, sparse_out: bool) -> None:
         p.grad = dense.to_sparse(sparse_dim=1).coalesce() if was_sparse and sparse_out else dense
 
 
-def _train(scheme: str | None, optimizer: str = "sgd", plan: str = "layerwise") -> dict[str, Any]:
+def _train(scheme: Any, optimizer: str = "sgd", plan: str = "layerwise") -> dict[str, Any]:
     rank = dist.get_rank()
     model = _model()
     sync = None
@@ -123,6 +131,8 @@ def suite() -> dict[str, Any]:
     for scheme in SCHEMES:
         out[scheme] = _train(scheme)
     out["whole_plan_zen"] = _train("zen", plan="whole")
+    out["object_zen"] = _train(make_scheme("zen", seed=7))  # a prototype, copied per parameter
+    out["factory_auto"] = _train(lambda: AutoScheme(criterion="time", profile_steps=1))
     out["reference_sparseadam"] = _train("reference", "sparseadam")
     out["zen_sparseadam"] = _train("zen", "sparseadam")
     out["unused_reference"] = _unused_table(None)
@@ -147,7 +157,9 @@ def _assert_same_params(got: list[torch.Tensor], want: list[torch.Tensor], where
         assert torch.allclose(g, w, rtol=1e-4, atol=2e-6), f"{where}: param {i} off by {worst:g}"
 
 
-@pytest.mark.parametrize("config", ["densified", *SCHEMES, "whole_plan_zen"])
+@pytest.mark.parametrize(
+    "config", ["densified", *SCHEMES, "whole_plan_zen", "object_zen", "factory_auto"]
+)
 def test_training_matches_dense_allreduce(config: str) -> None:
     for rank, result in enumerate(_results()):
         ref, got = result["reference"], result[config]
@@ -189,12 +201,56 @@ def test_embedding_unused_on_one_rank() -> None:
 
 
 def test_unknown_scheme_is_a_clear_error() -> None:
-    assert "unknown sparse scheme 'zenn'" in _results()[0]["bad_scheme"]
+    message = _results()[0]["bad_scheme"]
+    assert "unknown sparse scheme 'zenn'" in message
+    assert "'agsparse'" in message and "import thrifty.zen" in message
+
+
+def _fresh_python(code: str) -> subprocess.CompletedProcess[str]:
+    """``code`` in a new interpreter: what a module imports, without this process's imports."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_the_substrate_finds_zen_only_through_its_registry() -> None:
+    code = """
+import sys
+import thrifty.sync
+from thrifty.sync.engine import get_sparse_scheme
+assert not [m for m in sys.modules if m.startswith("thrifty.zen")], "thrifty.sync imported zen"
+try:
+    get_sparse_scheme("zen")
+except ValueError as exc:
+    print("before:", exc)
+import thrifty.zen
+print("after:", get_sparse_scheme("zen").__name__)
+"""
+    done = _fresh_python(code)
+    assert done.returncode == 0, done.stderr
+    assert "before: unknown sparse scheme 'zen' (registered: none)" in done.stdout
+    assert "import thrifty.zen to register its schemes" in done.stdout
+    assert "after: BalancedParallelism" in done.stdout
+
+
+def test_zen_library_imports_no_benchmark_code() -> None:
+    """What sync_sparse, a scheme and GradientSync run never loads the benchmark side."""
+    code = """
+import sys
+import thrifty.zen, thrifty.zen.sync, thrifty.zen.selection, thrifty.zen.analytic
+import thrifty.zen.schemes, thrifty.zen.hash_bitmap, thrifty.zen.hierarchical_hashing
+import thrifty.sync
+import thrifty.zen.workloads, thrifty.zen.analysis
+benchmark_side = ("thrifty.bench", "thrifty.zen.benchmark", "thrifty.mergecomp",
+                  "thrifty.bytecomp", "thrifty.lazarus", "thrifty.marconi")
+print(sorted(m for m in sys.modules if m.startswith(benchmark_side)))
+"""
+    done = _fresh_python(code)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
 
 
 def test_sparse_parameters_are_found_from_the_modules() -> None:
-    from thrifty.sync.engine import _sparse_parameter_names
-
     model = TwoTables()
     model.dense_table = nn.Embedding(10, 4)  # sparse=False: stays on the dense path
     names = _sparse_parameter_names(model, dict(model.named_parameters()))

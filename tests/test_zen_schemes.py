@@ -25,7 +25,6 @@ from thrifty.bench import run_ranks
 from thrifty.comm import collectives
 from thrifty.zen import (
     AutoScheme,
-    BalancedParallelism,
     SparseSyncError,
     make_scheme,
     measure_sparsity,
@@ -33,6 +32,7 @@ from thrifty.zen import (
     sync_sparse,
 )
 from thrifty.zen.analytic import SCHEME_NAMES
+from thrifty.zen.schemes import BalancedParallelism
 from thrifty.zen.schemes.block_parallelism import rows_per_block
 
 ROWS = 3000
@@ -102,10 +102,12 @@ def case_embedding_grad(rank: int, n: int, gen: torch.Generator) -> torch.Tensor
 
 
 def case_sparse_matrix(rank: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    coords = torch.stack([torch.randint(0, 40, (90,), generator=gen),
-                          torch.randint(0, 70, (90,), generator=gen)])  # fmt: skip
-    return torch.sparse_coo_tensor(coords, torch.randn(90, generator=gen), (40, 70),
-                                   check_invariants=True)  # fmt: skip
+    coords = torch.stack(
+        [torch.randint(0, 40, (90,), generator=gen), torch.randint(0, 70, (90,), generator=gen)]
+    )
+    return torch.sparse_coo_tensor(
+        coords, torch.randn(90, generator=gen), (40, 70), check_invariants=True
+    )
 
 
 CASES: dict[str, Callable[[int, int, torch.Generator], torch.Tensor]] = {
@@ -227,10 +229,12 @@ def check_bad_inputs() -> None:
         warnings.simplefilter("ignore")  # "Sparse CSR tensor support is in beta state"
         csr = good.to_dense().reshape(10, 10).to_sparse_csr()
     _raises_everywhere(csr if rank == 0 else good, "another sparse layout")
-    _raises_everywhere(good, rf"rank {last}: unknown scheme",
-                       scheme="zenn" if rank == last else "zen")  # fmt: skip
-    _raises_everywhere(good, r"different schemes or scheme settings",
-                       scheme=BalancedParallelism(seed=rank))  # fmt: skip
+    _raises_everywhere(
+        good, rf"rank {last}: unknown scheme", scheme="zenn" if rank == last else "zen"
+    )
+    _raises_everywhere(
+        good, r"different schemes or scheme settings", scheme=BalancedParallelism(seed=rank)
+    )
     _raises_everywhere(good, r"different schemes", scheme="agsparse" if rank else "zen")
     _raises_everywhere(good, r"output must be", output="csr")
     # The group is still in step: a good call works afterwards.
@@ -240,9 +244,19 @@ def check_bad_inputs() -> None:
 
 _RAW_COLLECTIVES = ("all_to_all_single", "all_reduce")
 _FORBIDDEN = (
-    "send", "recv", "isend", "irecv", "broadcast", "all_gather", "all_gather_into_tensor",
-    "reduce_scatter", "reduce_scatter_tensor", "gather", "scatter", "all_to_all",
-)  # fmt: skip
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "broadcast",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "gather",
+    "scatter",
+    "all_to_all",
+)
 
 
 def check_ledger_sees_every_call() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from thrifty.zen.analysis import analyze_index_sets, skewness_curve
+from thrifty.zen.benchmark import GPT_MODEL
 from thrifty.zen.workloads import (
     DEEPFM_FIELDS,
     DeepFM,
@@ -121,12 +122,17 @@ def test_gpt_dgc_selection_overlaps_far_beyond_chance(monkeypatch) -> None:
     monkeypatch.setattr("thrifty.zen.workloads.sharegpt_tokens", lambda *a, **k: tokens)
     small = {"n_layer": 2, "n_embd": 64, "n_head": 2, "vocab_size": 2048}
     sets, numel, row_numel = index_sets_at_density(
-        "gpt_dgc", 2, 0.01, batch=2, seq_len=16, gpt_config=small
+        "gpt_dgc", 2, 0.01, batch=2, seq_len=16, gpt_config=small, gpt_model=GPT_MODEL
     )
     assert 200_000 < numel < 300_000
     assert row_numel == 1 and all(s.numel() == round(0.01 * numel) for s in sets)
     overlap = torch.isin(sets[0], sets[1]).float().mean().item()
     assert overlap > 0.1  # 10x the 1% a random selection would share
+
+
+def test_gpt_dgc_needs_its_model_from_the_caller() -> None:
+    with pytest.raises(ValueError, match="gpt_dgc workload needs gpt_model"):
+        make_workload("gpt_dgc")
 
 
 def test_lstm_on_sharegpt(tmp_path, monkeypatch) -> None:

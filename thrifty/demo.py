@@ -12,15 +12,31 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from thrifty.bench.launch import run_ranks
-from thrifty.comm import collectives
+from thrifty.bench.models import DigitsCNN, ResNetCNN, build_model, train_digits_shard
+from thrifty.bench.netem import parse_rate
+from thrifty.bench.results import results_dir
+from thrifty.bench.training import BATCH, DEFAULT_OPTIONS, training_loss
+from thrifty.bytecomp import decide, zero_cost_profile
+from thrifty.comm import NetworkModel, Topology, collectives
+from thrifty.lazarus import LazarusConfig
+from thrifty.lazarus.benchmark import train
+from thrifty.marconi import sharegpt_trace, sweep
+from thrifty.marconi.benchmark import engine_demo
+from thrifty.mergecomp import optimal_partition, partition_time
+from thrifty.sync import GradientSync, Strategy
+from thrifty.sync.profile import profile_model
+from thrifty.zen import measure_sparsity, predict_wire_bytes, sync_sparse
 
-__all__ = ["TOUR", "TourStop", "collectives_stop"]
+__all__ = ["TOUR", "TourStop", "bytecomp_decision"]
 
 
 @dataclass
 class TourStop:
+    """One row of the tour's table: which system, what ran, what came out, how long."""
+
     system: str
     what: str
     result: str
@@ -68,9 +84,6 @@ def collectives_stop() -> TourStop:
 
 def _compressed_training_rank(compressor: str, steps: int) -> dict[str, float]:
     """Train the digits CNN on this rank's shard with compressed gradient sync."""
-    from thrifty.bench.models import DigitsCNN, train_digits_shard
-    from thrifty.sync import GradientSync
-
     n = dist.get_world_size()
     torch.manual_seed(0)
     model = DigitsCNN()
@@ -96,30 +109,20 @@ def gradient_sync_stop() -> TourStop:
 
 def mergecomp_stop() -> TourStop:
     """Profile the ResNet-style CNN here and let MergeComp's model choose its groups."""
-    from pathlib import Path
-
-    import torch.nn.functional as F
-
-    from thrifty.bench.models import ResNetCNN
-    from thrifty.comm import NetworkModel
-    from thrifty.mergecomp import optimal_partition, partition_time
-    from thrifty.sync import Strategy
-    from thrifty.sync.profile import profile_model
-
     start = time.perf_counter()
     torch.manual_seed(0)
     model = ResNetCNN()
-    x, y = model.example_batch(8)
+    batch = model.example_batch(8)
     strategy = Strategy.make("dgc", ratio=0.01)
     profile = profile_model(
         model,
-        lambda: F.cross_entropy(model(x), y),
+        lambda: training_loss("cnn", model, batch),
         iters=2,
         warmup=1,
         compressors=[strategy],
         world_size=2,
     )
-    fitted = Path("results/collectives.json")
+    fitted = results_dir() / "collectives.json"
     try:
         network = NetworkModel.load(fitted, "1gbit")
         source = "fitted 1 Gbit/s model"
@@ -152,26 +155,19 @@ def bytecomp_decision(
     The links are ideal: each node's NIC at ``rate``, shared by its ranks (flat
     collectives and the cross-node groups), and 20x that inside a node.
     """
-    import torch.nn.functional as F
-
-    from thrifty.bench.models import build_model
-    from thrifty.bench.netem import parse_rate
-    from thrifty.bench.training import BATCH, DEFAULT_OPTIONS
-    from thrifty.bytecomp import decide, zero_cost_profile
-    from thrifty.comm import NetworkModel, Topology
-    from thrifty.sync import Strategy
-    from thrifty.sync.profile import profile_model
-
     torch.manual_seed(0)
     model = build_model(model_name)
-    x, y = model.example_batch(**BATCH[model_name])
-
-    def loss() -> torch.Tensor:
-        return model(x, y)[1] if model_name == "gpt" else F.cross_entropy(model(x), y)
-
+    batch = model.example_batch(**BATCH[model_name])
     strategy = Strategy.make(compressor, **DEFAULT_OPTIONS.get(compressor, {}))
     k, n = ranks_per_node, nodes * ranks_per_node
-    profile = profile_model(model, loss, iters=2, warmup=1, compressors=[strategy], world_size=n)
+    profile = profile_model(
+        model,
+        lambda: training_loss(model_name, model, batch),
+        iters=2,
+        warmup=1,
+        compressors=[strategy],
+        world_size=n,
+    )
     bits = parse_rate(rate)
     shared = NetworkModel.analytic(rate, bits / k, latency=5e-4)
     inside = NetworkModel.analytic("intra", 20 * bits, latency=2e-4)
@@ -214,10 +210,6 @@ def _zipf_tokens(vocab: int, tokens: int, worker: int) -> torch.Tensor:
 
 def _zen_rank(vocab: int, tokens: int) -> dict[str, object]:
     """An embedding gradient of Zipf-distributed tokens, synced by AGsparse, Zen and dense."""
-    from torch import nn
-
-    from thrifty.zen import sync_sparse
-
     torch.manual_seed(0)
     embedding = nn.Embedding(vocab, 64, sparse=True)
     embedding(_zipf_tokens(vocab, tokens, dist.get_rank())).square().mean().backward()
@@ -251,12 +243,10 @@ def zen_stop() -> TourStop:
     worst = max(r["max_diff"] for r in ranks)  # type: ignore[type-var]
     density = sum(r["rows"] for r in ranks) / n / vocab  # type: ignore[misc]
     # The same data on 16 workers, priced by the analytic model (AGsparse grows with n).
-    from thrifty.zen import measure_sparsity, predict_wire_bytes
-
     sets = [torch.unique(_zipf_tokens(vocab, tokens, w)) for w in range(16)]
     stats = measure_sparsity(sets, vocab)
-    at16 = {s: predict_wire_bytes(s, stats, values_per_index=64).max_rank_bytes / mib
-            for s in ("agsparse", "zen")}  # fmt: skip
+    volumes = {s: predict_wire_bytes(s, stats, values_per_index=64) for s in ("agsparse", "zen")}
+    at16 = {scheme: volume.max_rank_bytes / mib for scheme, volume in volumes.items()}
     return TourStop(
         "Zen (sparse sync)",
         f"embedding gradient ({vocab} x 64, Zipf tokens, {density:.2%} of rows per rank), "
@@ -272,12 +262,10 @@ def marconi_stop() -> TourStop:
     """Simulate ShareGPT at one cache size, then serve a few real cached requests."""
     start = time.perf_counter()
     try:
-        import transformers
-
-        from thrifty.marconi import sharegpt_trace, sweep
-        from thrifty.marconi.benchmark import engine_demo
-    except ImportError as exc:  # the optional `thrifty[marconi]` extra
-        return TourStop("Marconi (hybrid prefix cache)", "skipped", f"needs {exc.name}", 0.0)
+        import transformers  # optional: [marconi]
+    except ImportError as exc:
+        why = f"needs {exc.name} (pip install 'thrifty[marconi]')"
+        return TourStop("Marconi (hybrid prefix cache)", "skipped", why, 0.0)
     transformers.logging.set_verbosity_error()  # the reference-kernel fallback notices
     trace = sharegpt_trace(num_sessions=20)
     rates = {r.policy: r.token_hit_rate for r in sweep(trace, capacities_gb=(1,), progress=False)}
@@ -300,13 +288,17 @@ def marconi_stop() -> TourStop:
 
 def lazarus_stop() -> TourStop:
     """Train a 4-rank MoE, kill -9 a rank mid-step, recover without reload, admit a new rank."""
-    from thrifty.lazarus.runtime import LazarusConfig, train
-
     start = time.perf_counter()
     cfg = LazarusConfig(
-        workers=4, slots=3, experts=6, steps=14, kill_ranks=(2,), kill_at_step=6, joiners=1,
+        workers=4,
+        slots=3,
+        experts=6,
+        steps=14,
+        kill_ranks=(2,),
+        kill_at_step=6,
+        joiners=1,
         join_at_step=9,
-    )  # fmt: skip
+    )
     report = train(cfg)
     failure, join = report["reconfigurations"]
     loss = report["loss"]

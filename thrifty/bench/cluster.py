@@ -15,10 +15,10 @@ workers bind gloo to ``eth0`` (``GLOO_SOCKET_IFNAME``), so ranks on the same
 node talk over the namespace's unlimited local path and ranks on different
 nodes cross two limited veths. Only the namespaces' own addresses are used.
 
-:func:`measure_topology` (called on every rank of such a job) fits the flat,
-intra-node and inter-node network models of a
-:class:`~thrifty.comm.topology.Topology`; :func:`calibrate_cluster` does the
-whole round trip from the calling process.
+:func:`calibrate_cluster` fits the flat, intra-node and inter-node network
+models of a :class:`~thrifty.comm.topology.Topology` on such a cluster from the
+calling process: every rank of the job runs
+:func:`thrifty.comm.calibration.measure_topology`.
 
 Needs root and iproute2, like :mod:`thrifty.bench.netem`; every namespace is
 deleted and every process inside killed on exit, exceptions, Ctrl-C, SIGTERM
@@ -54,23 +54,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from thrifty.bench import netem
-from thrifty.bench.collectives import _measurement, fit_report, time_collectives
 from thrifty.bench.netem import NetNamespace
 from thrifty.comm import collectives
-from thrifty.comm.network import PRIMITIVES, NetworkModel
+from thrifty.comm.calibration import TOPOLOGY_SIZES, calibrate_topology, measure_topology
 from thrifty.comm.topology import Topology, split_groups
 
 __all__ = [
-    "TOPOLOGY_SIZES",
     "Cluster",
     "ClusterJobFailed",
     "ClusterJobTimedOut",
     "calibrate_cluster",
     "cluster_worker_main",
     "emulated_cluster",
-    "measure_topology",
     "run_torchrun",
 ]
 
@@ -78,7 +76,6 @@ log = logging.getLogger(__name__)
 
 INTERFACE = "eth0"  # each node's NIC, inside its namespace
 SUBNET = "10.213.0"  # node i is SUBNET.(i+1)/24
-TOPOLOGY_SIZES = tuple(16384 * 4**i for i in range(6))  # 16 KB ... 16 MB
 _STDERR_TAIL = 4000  # characters of a failed node's output quoted in the error
 _FAILURE_GRACE_S = 3.0  # after one node fails, let the others report too
 _STOP_GRACE_S = 5.0  # SIGTERM lets torchrun stop its workers; then SIGKILL
@@ -152,8 +149,8 @@ def emulated_cluster(
             netem._sh("ip", "-n", hub.name, "link", "set", "br0", "up")
             for i, (ns, address) in enumerate(zip(members, addresses, strict=True)):
                 port = f"node{i}"
-                netem._sh("ip", "-n", hub.name, "link", "add", port, "type", "veth",
-                          "peer", "name", INTERFACE, "netns", ns.name)  # fmt: skip
+                veth = ("type", "veth", "peer", "name", INTERFACE, "netns", ns.name)
+                netem._sh("ip", "-n", hub.name, "link", "add", port, *veth)
                 netem._sh("ip", "-n", hub.name, "link", "set", port, "master", "br0")
                 netem._sh("ip", "-n", hub.name, "link", "set", port, "up")
                 netem._sh("ip", "-n", ns.name, "link", "set", "lo", "up")
@@ -161,8 +158,8 @@ def emulated_cluster(
                 netem._sh("ip", "-n", ns.name, "link", "set", INTERFACE, "up")
                 _limit(ns.name, INTERFACE, bits, burst, delay)
                 _limit(hub.name, port, bits, burst, delay)
-            log.info("cluster %s: %d nodes, NICs limited to %s bit/s, delay %s",
-                     prefix, nodes, bits, delay)  # fmt: skip
+            shape = "cluster %s: %d nodes, NICs limited to %s bit/s, delay %s"
+            log.info(shape, prefix, nodes, bits, delay)
             yield cluster
         finally:
             for ns in (*members, hub):
@@ -287,22 +284,28 @@ def run_torchrun(
             # attempt's addresses. c10d with an unshared store gets a new one per round.
             if max_restarts:
                 env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-            rendezvous = (
-                ["--master-addr", master, "--master-port", port] if not max_restarts else
-                ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"{master}:{port}",
-                 "--rdzv-id", out_dir.name]
-            )  # fmt: skip
+            if max_restarts:
+                endpoint = f"{master}:{port}"
+                rendezvous = ["--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint]
+                rendezvous += ["--rdzv-id", out_dir.name]
+            else:
+                rendezvous = ["--master-addr", master, "--master-port", port]
             for node in range(nodes):
                 # c10d publishes the address of the store worker 0 hosts: give it the
                 # loopback gloo uses rather than whatever the host name resolves to.
                 local = ["--local-addr", master] if max_restarts else []
-                argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(nodes),
-                        "--node-rank", str(node), "--nproc-per-node", str(ranks_per_node),
-                        *rendezvous, *local, "--max-restarts", str(max_restarts),
-                        "-m", module, job]  # fmt: skip
+                argv = [sys.executable, "-m", "torch.distributed.run"]
+                argv += ["--nnodes", str(nodes), "--node-rank", str(node)]
+                argv += ["--nproc-per-node", str(ranks_per_node), *rendezvous, *local]
+                argv += ["--max-restarts", str(max_restarts), "-m", module, job]
                 with logs[node].open("wb") as sink:
-                    kwargs = {"env": env, "stdout": sink, "stderr": subprocess.STDOUT,
-                              "stdin": subprocess.DEVNULL, "start_new_session": True}  # fmt: skip
+                    kwargs = {
+                        "env": env,
+                        "stdout": sink,
+                        "stderr": subprocess.STDOUT,
+                        "stdin": subprocess.DEVNULL,
+                        "start_new_session": True,
+                    }
                     if cluster is None:
                         procs.append(subprocess.Popen(argv, **kwargs))
                     else:
@@ -313,11 +316,12 @@ def run_torchrun(
         world = nodes * ranks_per_node
         missing = [r for r in range(world) if not (out_dir / f"rank{r}.json").exists()]
         if missing:
-            raise ClusterJobFailed(
+            tail = _tail(logs[0])
+            message = (
                 f"torchrun succeeded but ranks {missing} wrote no result: does {module}'s "
-                "__main__ call thrifty.bench.cluster.cluster_worker_main?\n" + _tail(logs[0]),
-                None, _tail(logs[0]),
-            )  # fmt: skip
+                f"__main__ call thrifty.bench.cluster.cluster_worker_main?\n{tail}"
+            )
+            raise ClusterJobFailed(message, None, tail)
         return [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
@@ -348,13 +352,14 @@ def _wait(
         if all(c is not None for c in codes) or (grace_until and time.monotonic() > grace_until):
             break
         if time.monotonic() > deadline:
-            tails = "\n".join(f"--- node {i} output ---\n{_tail(log)}" for i, log in
-                              enumerate(logs))  # fmt: skip
-            raise ClusterJobTimedOut(
+            tails = "\n".join(
+                f"--- node {i} output ---\n{_tail(log)}" for i, log in enumerate(logs)
+            )
+            message = (
                 f"torchrun job did not finish within {timeout:g}s; killed all "
-                f"{len(procs)} nodes\n{tails}",
-                None, tails,
-            )  # fmt: skip
+                f"{len(procs)} nodes\n{tails}"
+            )
+            raise ClusterJobTimedOut(message, None, tails)
         time.sleep(0.05)
     if failed:
         first, lines = failed[0], []
@@ -362,8 +367,8 @@ def _wait(
         if root is not None:
             first = root["rank"] // ranks_per_node
             failed = [first, *(i for i in failed if i != first)]
-            lines.append(f"rank {root['rank']} (node {first}) failed first:\n"
-                         f"{root['traceback'].rstrip()}")  # fmt: skip
+            traceback_text = root["traceback"].rstrip()
+            lines.append(f"rank {root['rank']} (node {first}) failed first:\n{traceback_text}")
         lines.append(f"node {first}'s torchrun exited with code {codes[first]}")
         lines += [f"(node {i} also failed, code {codes[i]})" for i in failed[1:]]
         for i in failed:
@@ -380,8 +385,6 @@ def cluster_worker_main(fn: Callable[[dict[str, Any]], Any]) -> None:
     torchrun's error summary, and in ``error<r>.json`` with the time it was
     raised, so that :func:`run_torchrun` names the rank that failed first.
     """
-    from torch.distributed.elastic.multiprocessing.errors import record
-
     if len(sys.argv) != 2:
         sys.exit("internal entry point of a thrifty cluster job; run it through run_torchrun")
     spec = json.loads(sys.argv[1])
@@ -411,52 +414,6 @@ def cluster_worker_main(fn: Callable[[dict[str, Any]], Any]) -> None:
 # --------------------------------------------------------------------------- topology
 
 
-def measure_topology(
-    sizes: Sequence[int] = TOPOLOGY_SIZES,
-    budget_s: float = 0.5,
-    progress: bool = True,
-    ranks_per_node: int | None = None,
-) -> Topology:
-    """Fit the flat, intra-node and inter-node network models (call on every rank).
-
-    Times all-reduce, all-gather and all-to-all at each size (a) over the
-    world (``flat``), (b) in every node's group at once (``intra``), and (c) in
-    all cross-node groups at once (``inter``): the ``k`` cross groups share each
-    node's NIC, as the hierarchical scheme runs them. Concurrent groups start
-    every rep together, so every rank fits the same models and returns an
-    equal :class:`~thrifty.comm.topology.Topology`. ``intra`` and ``inter`` are
-    None on one node or with one rank per node. ``ranks_per_node`` defaults to
-    torchrun's ``LOCAL_WORLD_SIZE``. About 25 s at 1 Gbit/s on 2 x 2 ranks.
-    """
-    return _measure_topology(sizes, budget_s, progress, ranks_per_node)[0]
-
-
-def _measure_topology(
-    sizes: Sequence[int], budget_s: float, progress: bool, ranks_per_node: int | None
-) -> tuple[Topology, dict[str, list[dict[str, Any]]]]:
-    world = dist.get_world_size()
-    k = ranks_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world))
-    if world < 2 or k < 1 or world % k:
-        raise ValueError(
-            f"cannot measure a topology of {world} ranks with ranks_per_node={k}: need at "
-            "least 2 ranks and the same number on every node"
-        )
-    nodes = world // k
-    args = (PRIMITIVES, sizes, budget_s)
-    rows = {"flat": time_collectives(*args, f"flat {nodes}x{k}", progress)}
-    if nodes > 1 and k > 1:
-        groups = split_groups(k)
-        everyone = dist.group.WORLD
-        rows["intra"] = time_collectives(*args, f"intra {nodes}x{k}", progress,
-                                         group=groups.intra, lockstep=everyone)  # fmt: skip
-        rows["inter"] = time_collectives(*args, f"inter {nodes}x{k}", progress,
-                                         group=groups.cross, lockstep=everyone)  # fmt: skip
-    models = {name: NetworkModel.fit(name, [_measurement(r) for r in got])
-              for name, got in rows.items()}  # fmt: skip
-    topology = Topology(nodes, k, models["flat"], models.get("intra"), models.get("inter"))
-    return topology, rows
-
-
 def calibrate_cluster(
     nodes: int,
     ranks_per_node: int,
@@ -470,7 +427,7 @@ def calibrate_cluster(
 
     ``rate=None`` (one node only) measures the plain loopback. Returns
     ``{"topology": Topology, "fit_error": {model name: fit report}, "rows": ...}``
-    where the fit report is :func:`thrifty.bench.collectives.fit_report`.
+    where the fit report is :func:`thrifty.comm.calibration.fit_report`.
     """
     spec = {"task": "topology", "sizes": list(sizes), "budget_s": budget_s}
     if rate is None:
@@ -555,7 +512,7 @@ def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
         report["intra_s"] = _timed_all_gather(nbytes, groups.intra)
         report["cross_s"] = _timed_all_gather(nbytes, groups.cross)
     if "topology_sizes" in spec:
-        topology = measure_topology(spec["topology_sizes"], budget_s=0.0, progress=False)
+        topology = measure_topology(spec["topology_sizes"], budget_s=0.0)
         report["topology"] = topology.to_dict()
     connections = _tcp_connections()
     report["local_addresses"] = sorted({local for local, _ in connections})
@@ -565,14 +522,13 @@ def _selftest(spec: dict[str, Any]) -> dict[str, Any]:
 
 def _topology_task(spec: dict[str, Any]) -> dict[str, Any] | None:
     sizes = spec.get("sizes", TOPOLOGY_SIZES)
-    topology, rows = _measure_topology(sizes, spec.get("budget_s", 0.5), True, None)
+    calibration = calibrate_topology(sizes, budget_s=spec.get("budget_s", 0.5), progress=True)
     if dist.get_rank() != 0:
         return None
-    models = {"flat": topology.flat, "intra": topology.intra, "inter": topology.inter}
     return {
-        "topology": topology.to_dict(),
-        "fit_error": {name: fit_report(models[name], got) for name, got in rows.items()},
-        "rows": rows,
+        "topology": calibration.topology.to_dict(),
+        "fit_error": calibration.fit_reports(),
+        "rows": {name: [t.to_dict() for t in got] for name, got in calibration.timings.items()},
     }
 
 

@@ -36,6 +36,7 @@ import torch
 from tqdm import tqdm
 
 from thrifty.bench.results import results_dir, write_json
+from thrifty.bench.training import DEFAULT_OPTIONS  # the same options as in training
 from thrifty.compressors import available_compressors, get_compressor
 
 __all__ = [
@@ -52,13 +53,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SIZES = (1 << 20, 16 << 20, 64 << 20)
 """Elements per tensor: 1M, 16M, 64M float32 (4, 64, 256 MiB)."""
 
-DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
-    "topk": {"ratio": 0.01},
-    "randomk": {"ratio": 0.01},
-    "dgc": {"ratio": 0.01},
-    "powersgd": {"rank": 4},
-}
-"""Constructor options per compressor; the others run with their defaults."""
 
 CLONE = "torch.clone"
 KEY = "bench"  # one key, so stateful compressors (DGC, PowerSGD) reach steady state
@@ -223,8 +217,8 @@ def run_kernel_benchmark(
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False")
-    chosen = {n: {**(options or DEFAULT_OPTIONS).get(n, {}), "check_finite": check_finite}
-              for n in names}  # fmt: skip
+    defaults = DEFAULT_OPTIONS if options is None else options
+    chosen = {n: {**defaults.get(n, {}), "check_finite": check_finite} for n in names}
     sync = _synchronizer(dev)
 
     previous_threads = torch.get_num_threads()
@@ -233,8 +227,9 @@ def run_kernel_benchmark(
     clone_rows: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     try:
-        bar = tqdm(total=len(sizes) * (len(names) + 1), desc="kernels", unit="point",
-                   file=sys.stderr)  # fmt: skip
+        bar = tqdm(
+            total=len(sizes) * (len(names) + 1), desc="kernels", unit="point", file=sys.stderr
+        )
         with bar:
             for numel in sizes:
                 generator = torch.Generator().manual_seed(numel)
@@ -275,10 +270,10 @@ def run_kernel_benchmark(
 
 def plot_kernels(payload: Mapping[str, Any], path: Path) -> Path:
     """Grouped bars of GB/s per compressor (one bar per size); torch.clone as a line per size."""
-    import matplotlib
+    import matplotlib  # optional: [bench]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: [bench]
 
     names = list(payload["compressors"])
     sizes = list(payload["sizes"])
@@ -288,11 +283,16 @@ def plot_kernels(payload: Mapping[str, Any], path: Path) -> Path:
     for j, numel in enumerate(sizes):
         xs = [i - 0.4 + width * (j + 0.5) for i in range(len(names))]
         color = f"C{j}"
-        ax.bar(xs, [by_key[(n, numel)] for n in names], width, color=color,
-               label=f"{format_size(numel)} elements")  # fmt: skip
+        heights = [by_key[(n, numel)] for n in names]
+        ax.bar(xs, heights, width, color=color, label=f"{format_size(numel)} elements")
         clone = next(c for c in payload["clone"] if c["numel"] == numel)
-        ax.axhline(clone["GB_per_s"], color=color, linestyle="--", linewidth=1,
-                   label=f"torch.clone {format_size(numel)}")  # fmt: skip
+        ax.axhline(
+            clone["GB_per_s"],
+            color=color,
+            linestyle="--",
+            linewidth=1,
+            label=f"baseline: torch.clone {format_size(numel)}",
+        )
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yscale("log")
     ax.set_ylabel("GB/s of input (compress + decompress)")

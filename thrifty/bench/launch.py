@@ -220,9 +220,17 @@ def run_ranks(
     for attempt in range(1, _SETUP_ATTEMPTS + 1):
         try:
             return _run_once(
-                ctx, fn, world_size, args, kwargs, timeout, backend, threads_per_rank,
-                rank_env, frozenset(may_die),
-            )  # fmt: skip
+                ctx,
+                fn,
+                world_size,
+                args,
+                kwargs,
+                timeout,
+                backend,
+                threads_per_rank,
+                rank_env,
+                frozenset(may_die),
+            )
         except RankFailure as exc:
             lost_socket = any(m in exc.remote_traceback for m in _CONNECTION_ERRORS)
             if not (exc.during_setup and lost_socket) or attempt == _SETUP_ATTEMPTS:

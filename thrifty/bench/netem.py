@@ -166,14 +166,13 @@ def rate_limited_loopback(
         try:
             inside = ("ip", "netns", "exec", name)
             _sh(*inside, "ip", "link", "set", "lo", "up")
+            qdisc = (*inside, "tc", "qdisc", "add", "dev", "lo")
             tbf = ("tbf", "rate", f"{bits}bit", "burst", str(burst), "latency", "100ms")
             if delay:
-                _sh(*inside, "tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:",
-                    "netem", "delay", delay)  # fmt: skip
-                _sh(*inside, "tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:",
-                    *tbf)  # fmt: skip
+                _sh(*qdisc, "root", "handle", "1:", "netem", "delay", delay)
+                _sh(*qdisc, "parent", "1:1", "handle", "10:", *tbf)
             else:
-                _sh(*inside, "tc", "qdisc", "add", "dev", "lo", "root", *tbf)
+                _sh(*qdisc, "root", *tbf)
             log.info("namespace %s: loopback limited to %s bit/s, delay %s", name, bits, delay)
             yield ns
         finally:

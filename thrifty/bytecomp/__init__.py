@@ -21,7 +21,7 @@ from thrifty.bytecomp.decide import (
 )
 from thrifty.bytecomp.online import ByteComp, ByteCompTuner, fit_topology
 from thrifty.bytecomp.tree import Constraints, compressions, gpu_options, options
-from thrifty.sync.engine import register_planner
+from thrifty.sync import register_planner
 
 __all__ = [
     "AUTO_BUCKETS",

@@ -1,61 +1,76 @@
-"""ByteComp benchmark: per-tensor strategies vs uniform ones, MergeComp and PyTorch DDP.
+"""ByteComp benchmark: per-tensor strategies vs uniform ones, other planners and PyTorch DDP.
 
 One torchrun job per topology (an emulated cluster of nodes with their own
 rate-limited NIC, :mod:`thrifty.bench.cluster`; or one node whose ranks share
-a rate-limited loopback). Inside the job every rank:
+a rate-limited loopback, or the plain loopback). Inside the job every rank:
 
-1. calibrates the topology's network models (flat, intra-node, inter-node);
+1. calibrates the topology's network models (flat, intra-node, inter-node;
+   :func:`thrifty.comm.calibration.measure_topology`);
 2. profiles the model locally (all ranks at once, so the cores are as busy as
    in training) with every compressor's measured cost;
 3. rank 0 decides, from its profile and the calibrated topology, for each
    compressor: the best *uniform* strategy (every unit the same option, scored
    by the timeline over layer-wise and ByteComp's units), ByteComp's plan, and
    the "compression at zero cost" bound; the plans are broadcast;
-4. every configuration trains side by side in the same run: DDP fp32, DDP with
-   PyTorch's PowerSGD hook, and per compressor the uniform plan, MergeComp's
-   hybrid search and ByteComp's plan; measured beside predicted.
+4. every configuration trains side by side in the same job, through the one
+   training harness (:mod:`thrifty.bench.training`): DDP fp32, DDP with
+   PyTorch's PowerSGD hook, and per compressor the uniform plan, each planner
+   the caller compares with (``comparisons``: the CLI passes MergeComp's
+   search) and ByteComp's plan; measured beside predicted.
 
-Run with ``thrifty bytecomp bench`` (root: emulated NICs) or
-``python benchmarks/bytecomp.py``.
+Run with ``thrifty bytecomp bench`` (root for emulated NICs; ``--rate loopback
+--topologies 1x2`` runs anywhere) or ``python benchmarks/bytecomp.py``.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
-from pathlib import Path
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
-from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 from thrifty.bench import cluster, netem
-from thrifty.bench.models import build_model, count_parameters
-from thrifty.bench.results import results_dir, write_json
+from thrifty.bench.models import GPT, MODEL_NAMES, build_model, count_parameters
+from thrifty.bench.results import write_json
 from thrifty.bench.training import (
-    BATCH,
     DEFAULT_OPTIONS,
-    PLANNER_OPTIONS,
-    _loss,
-    time_iterations,
+    LOOPBACK,
+    Configuration,
+    TrainingResult,
+    TrainingRun,
+    check_rates,
+    ddp,
+    ddp_hook,
+    decode_objects,
+    encode_objects,
+    gradient_sync,
+    profile_training_model,
+    time_configurations,
 )
-from thrifty.comm import Topology
-from thrifty.sync import GradientSync, Group, Plan, Strategy
-from thrifty.sync.engine import get_planner
+from thrifty.bytecomp.decide import decide, make_units, zero_cost_profile
+from thrifty.bytecomp.online import spare_cores
+from thrifty.bytecomp.tree import Constraints, options
+from thrifty.comm import NetworkModel, Topology
+from thrifty.comm.calibration import measure_topology
+from thrifty.compressors import available_compressors
+from thrifty.sync import Group, Plan, Planner, Strategy
 from thrifty.sync.profile import Profile, profile_model
 from thrifty.sync.timeline import simulate
 
-__all__ = ["TOPOLOGIES", "run_bytecomp_benchmark", "run_selection_benchmark"]
-
-log = logging.getLogger(__name__)
+__all__ = [
+    "BYTECOMP",
+    "TOPOLOGIES",
+    "UNIFORM",
+    "run_bytecomp_benchmark",
+    "run_selection_benchmark",
+    "summary_rows",
+]
 
 # (nodes, ranks per node): 2 nodes with 2 ranks each behind their own NIC, and
 # one node whose 2 ranks share one rate-limited link.
@@ -64,24 +79,27 @@ COMPRESSORS = ("randomk", "dgc", "efsignsgd")
 CALIBRATION_SIZES = (16 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 MODULE = "thrifty.bytecomp.benchmark"  # also when this file runs as __main__
 
+# The plots' legend entries for this benchmark's own rows.
+UNIFORM = "best uniform"
+BYTECOMP = "ByteComp"
+
+PlannerFactory = Callable[[NetworkModel], Planner]
+"""Builds a planner to compare with, given the job's calibrated flat network model."""
+
 
 def _decide_all(
     profile: Profile, topology: Topology, compressors: Sequence[str]
 ) -> list[dict[str, Any]]:
-    """Rank 0: the thrifty configurations with their plans and predictions."""
-    from thrifty.bytecomp import Constraints, decide, make_units, options, zero_cost_profile
-    from thrifty.bytecomp.online import spare_cores
-
+    """Rank 0: per compressor, the best uniform plan, ByteComp's plan and the bound."""
     # Every emulated node's ranks run on this one machine.
     constraints = Constraints(offload=spare_cores(topology.world_size))
-    configs = []
+    decided = []
     for name in compressors:
         base = Strategy.make(name, **DEFAULT_OPTIONS.get(name, {}))
         started = time.perf_counter()
         decision = decide(profile, base, topology, constraints=constraints)
         seconds = time.perf_counter() - started
         bound = decide(zero_cost_profile(profile), base, topology, constraints=constraints)
-        bound_s = bound.predicted
         # Best uniform: one option for every unit (layer-wise, or ByteComp's units).
         layouts = [make_units(profile, 0), make_units(profile, decision.bucket_bytes)]
         uniform: tuple[float, Plan] | None = None
@@ -94,21 +112,20 @@ def _decide_all(
                 if uniform is None or t < uniform[0]:
                     uniform = (t, plan)
         assert uniform is not None
-        common = {"kind": "thrifty", "compressor": name, "zero_cost_bound_s": bound_s,
-                  "offload_allowed": constraints.offload}  # fmt: skip
-        configs.append(
-            {**common, "label": f"{name} uniform", "scheme": "uniform",
-             "plan": uniform[1].to_dict(), "predicted_s": uniform[0],
-             "strategy": uniform[1].groups[0].strategy.label()}
-        )  # fmt: skip
-        configs.append({**common, "label": f"{name} mergecomp", "scheme": "mergecomp"})
-        configs.append(
-            {**common, "label": f"{name} bytecomp", "scheme": "bytecomp",
-             "plan": decision.plan.to_dict(), "predicted_s": decision.predicted,
-             "decide_s": seconds, "bucket_bytes": decision.bucket_bytes,
-             "strategies": _histogram(decision.plan)}
-        )  # fmt: skip
-    return configs
+        decided.append(
+            {
+                "compressor": name,
+                "offload_allowed": constraints.offload,
+                "uniform_plan": uniform[1].to_dict(),
+                "uniform_predicted_s": uniform[0],
+                "bytecomp_plan": decision.plan.to_dict(),
+                "bytecomp_predicted_s": decision.predicted,
+                "bound_s": bound.predicted,
+                "decide_s": seconds,
+                "bucket_bytes": decision.bucket_bytes,
+            }
+        )
+    return decided
 
 
 def _histogram(plan: Plan) -> dict[str, int]:
@@ -118,36 +135,56 @@ def _histogram(plan: Plan) -> dict[str, int]:
     return counts
 
 
-def _wrap(config: dict[str, Any], model: torch.nn.Module, k: int, topology: Topology) -> Any:
-    if config["kind"] == "ddp":
-        return DDP(model), None
-    if config["kind"] == "ddp_powersgd":
-        ddp = DDP(model, bucket_cap_mb=1024)  # one bucket: see thrifty.bench.training
-        state = powerSGD.PowerSGDState(None, matrix_approximation_rank=4, start_powerSGD_iter=2)
-        ddp.register_comm_hook(state, powerSGD.powerSGD_hook)
-        return ddp, None
-    name = config["compressor"]
-    if config["scheme"] == "mergecomp":
-        options = {**PLANNER_OPTIONS["mergecomp"], "network": topology.flat}
-        planner = get_planner("mergecomp", **options)
-        sync = GradientSync(model, name, plan=planner, ranks_per_node=k,
-                            **DEFAULT_OPTIONS.get(name, {}))  # fmt: skip
-        return model, sync
-    plan = Plan.from_dict(config["plan"])
-    return model, GradientSync(model, plan=plan, ranks_per_node=k)
-
-
-def _time_config(
-    config: dict[str, Any], model_name: str, k: int, topology: Topology, warmup: int, iters: int
-) -> tuple[list[float], GradientSync | None, int]:
-    torch.manual_seed(0)
-    model = build_model(model_name)
-    batch = model.example_batch(
-        **BATCH[model_name], generator=torch.Generator().manual_seed(dist.get_rank())
-    )
-    wrapped, sync = _wrap(config, model, k, topology)
-    times, search = time_iterations(model_name, wrapped, sync, batch, warmup, iters)
-    return times, sync, search
+def _configurations(
+    decided: list[dict[str, Any]],
+    comparisons: Mapping[str, PlannerFactory],
+    topology: Topology,
+    k: int,
+) -> list[Configuration]:
+    """DDP, DDP + PowerSGD hook, then per compressor: uniform, the comparisons, ByteComp."""
+    configs = [ddp(), ddp_hook("powersgd")]
+    for d in decided:
+        name = d["compressor"]
+        uniform = Plan.from_dict(d["uniform_plan"])
+        configs.append(
+            gradient_sync(
+                name,
+                uniform,
+                label=f"{name} uniform",
+                family=UNIFORM,
+                ranks_per_node=k,
+                predicted_s=d["uniform_predicted_s"],
+                extra={"strategy": uniform.groups[0].strategy.label()},
+            )
+        )
+        for family, factory in comparisons.items():
+            configs.append(
+                gradient_sync(
+                    name,
+                    factory(topology.flat),
+                    label=f"{name} {family}",
+                    family=family,
+                    ranks_per_node=k,
+                )
+            )
+        plan = Plan.from_dict(d["bytecomp_plan"])
+        configs.append(
+            gradient_sync(
+                name,
+                plan,
+                label=f"{name} bytecomp",
+                family=BYTECOMP,
+                ranks_per_node=k,
+                predicted_s=d["bytecomp_predicted_s"],
+                bound_s=d["bound_s"],
+                extra={
+                    "decide_s": d["decide_s"],
+                    "bucket_bytes": d["bucket_bytes"],
+                    "strategies": _histogram(plan),
+                },
+            )
+        )
+    return configs
 
 
 def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
@@ -155,76 +192,53 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
     rank, n = dist.get_rank(), dist.get_world_size()
     k = int(os.environ.get("LOCAL_WORLD_SIZE", n))
     torch.set_num_threads(1)
-    if n // k > 1 and k > 1:
-        topology = cluster.measure_topology(CALIBRATION_SIZES, budget_s=0.3, progress=rank == 0,
-                                       ranks_per_node=k)  # fmt: skip
-    else:
-        from thrifty.bench.collectives import time_collectives
-        from thrifty.comm.network import Measurement, NetworkModel
-
-        rows = time_collectives(("all_reduce", "all_gather", "all_to_all"), CALIBRATION_SIZES,
-                                0.3, "calibrate", progress=rank == 0)  # fmt: skip
-        flat = NetworkModel.fit(
-            "flat", [Measurement(r["primitive"], n, r["nbytes"], r["seconds"]) for r in rows]
-        )
-        topology = Topology(n // k, k, flat)
+    topology = measure_topology(
+        CALIBRATION_SIZES, budget_s=spec["calibration_s"], ranks_per_node=k, progress=rank == 0
+    )
+    comparisons: dict[str, PlannerFactory] = decode_objects(spec["comparisons"])
+    bases = [Strategy.make(c, **DEFAULT_OPTIONS.get(c, {})) for c in spec["compressors"]]
     out: dict[str, Any] = {"topology": topology.to_dict(), "models": {}}
     for model_name in spec["models"]:
-        torch.manual_seed(0)
-        probe = build_model(model_name)
-        batch = probe.example_batch(
-            **BATCH[model_name], generator=torch.Generator().manual_seed(rank)
-        )
-        opt = torch.optim.SGD(probe.parameters(), lr=1e-3, momentum=0.9)
-        bases = [Strategy.make(c, **DEFAULT_OPTIONS.get(c, {})) for c in spec["compressors"]]
-
-        def loss(m: torch.nn.Module = probe, b: Any = batch, name: str = model_name) -> Any:
-            return _loss(name, m, b)
-
-        profile = profile_model(probe, loss, opt, iters=3, warmup=1, compressors=bases,
-                                world_size=n)  # fmt: skip
-        del probe, opt
+        profile = profile_training_model(model_name, bases, n)
         shared = [_decide_all(profile, topology, spec["compressors"]) if rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
-        configs: list[dict[str, Any]] = [{"label": "DDP fp32", "kind": "ddp"}]
-        configs.append({"label": "DDP powerSGD_hook r4", "kind": "ddp_powersgd"})
-        configs += shared[0]  # type: ignore[operator]
-        rows = []
-        bar = tqdm(configs, desc=model_name, disable=rank != 0, file=sys.stderr, leave=False)
-        for config in bar:
-            bar.set_postfix_str(config["label"])
-            times, sync, search = _time_config(
-                config, model_name, k, topology, spec["warmup"], spec["iters"]
-            )
-            slowest = torch.tensor([statistics.median(times)], dtype=torch.float64)
-            dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
-            row = {**config, "iteration_s": slowest.item(), "times": times}
-            row.pop("plan", None)
-            if sync is not None:
-                if config.get("scheme") == "mergecomp":
-                    row["search_iterations"] = search
-                    row["groups"] = len(sync.plan.groups)
-                    row["predicted_s"] = simulate(profile, sync.plan, topology).iteration
-                row["wire_bytes_per_iter"] = sync.ledger.wire_bytes / max(
-                    sync.iterations, 1
-                )  # fmt: skip
-                row["groups"] = len(sync.plan.groups)
-                sync.remove()
-            rows.append(row)
-        out["models"][model_name] = {
-            "rows": rows,
+        decided: list[dict[str, Any]] = shared[0]  # type: ignore[assignment]
+        configs = _configurations(decided, comparisons, topology, k)
+
+        def predict(plan: Plan, profile: Profile = profile) -> float:
+            return simulate(profile, plan, topology).iteration
+
+        rows = time_configurations(
+            model_name, configs, spec["warmup"], spec["iters"], predict=predict
+        )
+        meta = {
             "parameters": count_parameters(build_model(model_name), trainable_only=True),
             "tensors": len(profile.tensors),
+            "offload_allowed": decided[0]["offload_allowed"] if decided else None,
             "profile": profile.to_dict(),
         }
+        out["models"][model_name] = TrainingRun(rows, meta).to_dict()
     return out if rank == 0 else None
 
 
 def _single_node_job(spec: dict[str, Any]) -> Any:
-    """Inside a rate-limited namespace: one node, its ranks sharing the limited loopback."""
-    return cluster.run_torchrun(None, spec["ranks_per_node"], MODULE, spec["job"], spec["timeout"])[
-        0
-    ]
+    """Inside a rate-limited namespace (or on plain loopback): one node, its ranks sharing it."""
+    job = cluster.run_torchrun(None, spec["ranks_per_node"], MODULE, spec["job"], spec["timeout"])
+    return job[0]
+
+
+def check_topologies(topologies: Sequence[tuple[int, int]], rate: str) -> None:
+    """Raise ValueError naming a topology that cannot run at ``rate``."""
+    if not topologies:
+        raise ValueError("need at least one topology, e.g. (1, 2)")
+    for nodes, k in topologies:
+        if nodes < 1 or k < 1:
+            raise ValueError(f"topology {nodes}x{k}: nodes and ranks per node must be >= 1")
+        if nodes > 1 and rate == LOOPBACK:
+            raise ValueError(
+                f"topology {nodes}x{k} emulates {nodes} NICs and needs a rate such as '1gbit'; "
+                f"'{LOOPBACK}' runs one node only (e.g. 1x{k})"
+            )
 
 
 def run_bytecomp_benchmark(
@@ -234,13 +248,45 @@ def run_bytecomp_benchmark(
     compressors: Sequence[str] = COMPRESSORS,
     warmup: int = 2,
     iters: int = 4,
+    *,
+    comparisons: Mapping[str, PlannerFactory] | None = None,
+    calibration_s: float = 0.3,
     plot: bool = True,
     timeout: float = 5400.0,
-) -> dict[str, Any]:
-    """Run every topology; write results/bytecomp.json (+ PNG)."""
-    job = {"models": list(models), "compressors": list(compressors), "warmup": warmup,
-           "iters": iters, "timeout_s": timeout}  # fmt: skip
-    payload: dict[str, Any] = {"rate": rate, "runs": {}}
+) -> TrainingResult:
+    """Run every topology; write results/bytecomp.json (+ PNG).
+
+    Args:
+        rate: each node's NIC (``"1gbit"``; root), or ``"loopback"`` for one
+            node on the plain loopback.
+        comparisons: planners to time beside ByteComp, by legend name, each
+            built in the job from the calibrated flat network model (module-level
+            factories: they travel to the ranks pickled), e.g.
+            ``{"MergeComp": thrifty.mergecomp.benchmark.search_planner}``.
+        calibration_s: seconds of repetitions per calibration point.
+    """
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if unknown:
+        raise ValueError(f"unknown models {unknown}; expected some of {list(MODEL_NAMES)}")
+    unknown = [c for c in compressors if c not in available_compressors() or c == "none"]
+    if unknown or not compressors:
+        raise ValueError(
+            f"bad compressors {list(compressors)}; expected some of "
+            f"{[c for c in available_compressors() if c != 'none']}"
+        )
+    check_rates([rate])
+    check_topologies(topologies, rate)
+    job = {
+        "models": list(models),
+        "compressors": list(compressors),
+        "warmup": warmup,
+        "iters": iters,
+        "calibration_s": calibration_s,
+        "comparisons": encode_objects(dict(comparisons or {})),
+        "timeout_s": timeout,
+    }
+    runs: dict[str, TrainingRun] = {}
+    shapes: dict[str, Any] = {}
     for nodes, k in topologies:
         label = f"{nodes}x{k}"
         if nodes > 1:
@@ -249,79 +295,61 @@ def run_bytecomp_benchmark(
         else:
             spec = {"ranks_per_node": k, "job": job, "timeout": timeout}
             result = netem.run_worker(rate, MODULE, {"single_node": spec})
-        for model_rows in result["models"].values():
-            _add_ratios(model_rows["rows"])
-        payload["runs"][label] = result
-    path = write_json("bytecomp", payload)
-    payload["json_path"] = str(path)
+        shapes[label] = result["topology"]
+        for model, doc in result["models"].items():
+            run = TrainingRun.from_dict(doc)
+            run.meta.update(topology=label, model=model)
+            run.compare()
+            runs[f"{label} {model}"] = run
+    settings = {
+        "rate": rate,
+        "models": list(models),
+        "compressors": list(compressors),
+        "comparisons": list(comparisons or {}),
+        "warmup": warmup,
+        "iters": iters,
+        "topologies": shapes,
+    }
+    title = f"ByteComp, {rate} per node (nodes x ranks, model)"
+    out = TrainingResult("bytecomp", title, runs, settings, "zero-cost compression bound")
+    out.write()
     if plot:
-        payload["plot_path"] = str(plot_bytecomp(payload, results_dir() / "bytecomp.png"))
-    return payload
-
-
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    base = next(r["iteration_s"] for r in rows if r["kind"] == "ddp")
-    for row in rows:
-        row["speedup_vs_ddp"] = base / row["iteration_s"]
-        if row.get("predicted_s"):
-            row["prediction_error"] = (row["predicted_s"] - row["iteration_s"]) / row["iteration_s"]
-
-
-def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per (topology, model, compressor): measured uniform / MergeComp / ByteComp, and bounds."""
-    out = []
-    for label, run in payload["runs"].items():
-        for model, data in run["models"].items():
-            rows = data["rows"]
-            ddp = next(r for r in rows if r["kind"] == "ddp")
-            hook = next(r for r in rows if r["kind"] == "ddp_powersgd")
-            by = {(r.get("compressor"), r.get("scheme")): r for r in rows}
-            for comp in dict.fromkeys(r["compressor"] for r in rows if "compressor" in r):
-                uni, mc, bc = (by[(comp, s)] for s in ("uniform", "mergecomp", "bytecomp"))
-                out.append(
-                    {"topology": label, "model": model, "compressor": comp,
-                     "ddp_s": ddp["iteration_s"], "powersgd_s": hook["iteration_s"],
-                     "uniform_s": uni["iteration_s"], "uniform_strategy": uni.get("strategy"),
-                     "mergecomp_s": mc["iteration_s"], "bytecomp_s": bc["iteration_s"],
-                     "bytecomp_predicted_s": bc["predicted_s"],
-                     "zero_cost_bound_s": bc["zero_cost_bound_s"],
-                     "decide_ms": 1000 * bc["decide_s"]}
-                )  # fmt: skip
+        out.plot()
     return out
 
 
-def plot_bytecomp(payload: dict[str, Any], path: Path) -> Path:
-    """Bars: measured iteration time per configuration; dots: predicted; line: zero-cost bound."""
-    import matplotlib
+def summary_rows(result: TrainingResult) -> list[dict[str, Any]]:
+    """Per (topology, model, compressor): measured uniform / comparisons / ByteComp, and bounds.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = [(label, model, data) for label, run in payload["runs"].items()
-              for model, data in run["models"].items()]  # fmt: skip
-    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4 * len(panels)), squeeze=False)
-    colors = {"uniform": "C0", "mergecomp": "C2", "bytecomp": "C1"}
-    for ax, (label, model, data) in zip(axes[:, 0], panels, strict=True):
-        rows = data["rows"]
-        xs = range(len(rows))
-        ax.bar(xs, [r["iteration_s"] for r in rows],
-               color=[colors.get(r.get("scheme"), "C3") for r in rows])  # fmt: skip
-        pred = [(i, r["predicted_s"]) for i, r in enumerate(rows) if r.get("predicted_s")]
-        if pred:
-            ax.plot(*zip(*pred, strict=True), "k.", label="timeline prediction")
-        bounds = [(i, r["zero_cost_bound_s"]) for i, r in enumerate(rows)
-                  if r.get("scheme") == "bytecomp"]  # fmt: skip
-        if bounds:
-            ax.plot(*zip(*bounds, strict=True), "kx", label="zero-cost compression bound")
-        ax.legend()
-        ax.set_xticks(list(xs), [r["label"] for r in rows], rotation=45, ha="right", fontsize=8)
-        ax.set_ylabel("iteration (s)")
-        ax.set_title(f"{model}, {label} (nodes x ranks), {payload['rate']} per node: "
-                     "red DDP, blue uniform, green MergeComp, orange ByteComp")  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    ``others`` maps each comparison's legend name (e.g. ``"MergeComp"``) to its
+    measured seconds per iteration.
+    """
+    out = []
+    for run in result.runs.values():
+        ddp_row = run.baseline()
+        hook = next((r for r in run.rows if r.kind == "ddp_hook"), None)
+        by = {(r.compressor, r.family): r for r in run.rows if r.kind == "sync"}
+        families = dict.fromkeys(r.family for r in run.rows if r.kind == "sync")
+        others = [f for f in families if f not in (UNIFORM, BYTECOMP)]
+        for comp in dict.fromkeys(r.compressor for r in run.rows if r.kind == "sync"):
+            uni, bc = by[(comp, UNIFORM)], by[(comp, BYTECOMP)]
+            out.append(
+                {
+                    "topology": run.meta["topology"],
+                    "model": run.meta["model"],
+                    "compressor": comp,
+                    "ddp_s": ddp_row.iteration_s if ddp_row else None,
+                    "powersgd_s": hook.iteration_s if hook else None,
+                    "uniform_s": uni.iteration_s,
+                    "uniform_strategy": uni.extra.get("strategy"),
+                    "others": {f: by[(comp, f)].iteration_s for f in others},
+                    "bytecomp_s": bc.iteration_s,
+                    "bytecomp_predicted_s": bc.predicted_s,
+                    "zero_cost_bound_s": bc.bound_s,
+                    "decide_ms": 1000 * bc.extra["decide_s"],
+                }
+            )
+    return out
 
 
 def run_selection_benchmark(
@@ -338,20 +366,16 @@ def run_selection_benchmark(
     paper's algorithms alone and with the refinement, per tensor and with
     buckets. Median of ``reps`` runs each; writes results/bytecomp_selection.json.
     """
-    import torch.nn.functional as F  # noqa: F401  (the GPT computes its own loss)
-
-    from thrifty.bench.models import GPT
-    from thrifty.bench.netem import parse_rate
-    from thrifty.bytecomp import decide
-    from thrifty.comm import NetworkModel
-
+    if layers < 1 or reps < 1:
+        raise ValueError(f"need layers >= 1 and reps >= 1, got layers={layers}, reps={reps}")
     torch.manual_seed(0)
     model = GPT(n_layer=layers, n_embd=256, n_head=4, block_size=64)
     x, y = model.example_batch(2, 64)
     bases = [Strategy.make(c, **DEFAULT_OPTIONS.get(c, {})) for c in compressors]
-    profile = profile_model(model, lambda: model(x, y)[1], iters=2, warmup=1,
-                            compressors=bases, world_size=4)  # fmt: skip
-    bits = parse_rate(rate)
+    profile = profile_model(
+        model, lambda: model(x, y)[1], iters=2, warmup=1, compressors=bases, world_size=4
+    )
+    bits = netem.parse_rate(rate)
     shared = NetworkModel.analytic(rate, bits / 2, latency=5e-4)
     topology = Topology(2, 2, shared, NetworkModel.analytic("intra", 20 * bits, 2e-4), shared)
     rows = []
@@ -364,23 +388,25 @@ def run_selection_benchmark(
                     d = decide(profile, base, topology, refine=refine, bucket_bytes=bucket)
                     seconds.append(time.perf_counter() - started)
                 rows.append(
-                    {"compressor": base.compressor, "refine": refine, "buckets": str(bucket),
-                     "tensors": len(profile.tensors), "units": len(d.plan.groups),
-                     "decide_ms": 1000 * statistics.median(seconds),
-                     "predicted_s": d.predicted, "fp32_s": d.baseline,
-                     "evaluations": d.evaluations}
-                )  # fmt: skip
+                    {
+                        "compressor": base.compressor,
+                        "refine": refine,
+                        "buckets": str(bucket),
+                        "tensors": len(profile.tensors),
+                        "units": len(d.plan.groups),
+                        "decide_ms": 1000 * statistics.median(seconds),
+                        "predicted_s": d.predicted,
+                        "fp32_s": d.baseline,
+                        "evaluations": d.evaluations,
+                    }
+                )
     payload = {"rate": rate, "layers": layers, "tensors": len(profile.tensors), "rows": rows}
     payload["json_path"] = str(write_json("bytecomp_selection", payload))
     return payload
-
-
-def _main(spec: dict[str, Any]) -> Any:
-    return _rank_run(spec)
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 2 and "single_node" in json.loads(sys.argv[1]):
         netem.worker_main(lambda spec: _single_node_job(spec["single_node"]))
     else:
-        cluster.cluster_worker_main(_main)
+        cluster.cluster_worker_main(_rank_run)

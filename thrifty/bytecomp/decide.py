@@ -215,9 +215,7 @@ class _Scorer:
         """Iteration time of each row of ``choices`` (B, n): option index per unit."""
         choices = np.atleast_2d(choices)
         self.evaluations += choices.shape[0]
-        return iteration_times(
-            *self._gather(choices, 0), self.profile.backward, self.overhead
-        )  # fmt: skip
+        return iteration_times(*self._gather(choices, 0), self.profile.backward, self.overhead)
 
     def time(self, choice: np.ndarray) -> float:
         return float(self.times(choice)[0])
@@ -231,9 +229,14 @@ class _Scorer:
             return self.current
         ready, enc, first, post, off = (a[0] for a in self._gather(choice[None, :], 0))
         end, comm_end = _suffix_times(
-            ready[None], enc[None], first[None], post[None], off[None], _Prefix(),
+            ready[None],
+            enc[None],
+            first[None],
+            post[None],
+            off[None],
+            _Prefix(),
             self.profile.backward,
-        )  # fmt: skip
+        )
         comm_end = comm_end[0]
         self.comm_end, self.comm_start = comm_end, comm_end - first
         on_thread = np.where(off, 0.0, enc)

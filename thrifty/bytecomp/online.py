@@ -17,7 +17,7 @@ deterministically, on every rank, and no warm-up is needed.
 from __future__ import annotations
 
 import logging
-import statistics
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -25,16 +25,14 @@ import torch.distributed as dist
 
 from thrifty.bytecomp.decide import Decision, decide
 from thrifty.bytecomp.tree import Constraints
-from thrifty.comm import NetworkModel, Topology
-from thrifty.comm.network import Measurement
+from thrifty.comm import Topology
+from thrifty.comm.calibration import CALIBRATION_SIZES, measure_topology
 from thrifty.sync import GradientSync, Plan, Strategy
-from thrifty.sync.profile import Profile, TensorProfile, measure_compression
+from thrifty.sync.profile import Profile, profile_from_ready_times
 
 __all__ = ["ByteComp", "ByteCompTuner", "fit_topology", "spare_cores"]
 
 log = logging.getLogger(__name__)
-
-FIT_SIZES = (16 << 10, 256 << 10, 2 << 20, 8 << 20)
 
 
 @dataclass
@@ -130,26 +128,12 @@ class ByteCompTuner:
         log.info("ByteComp switched to %s after %.2fs", plan.describe()[:200], self.search_seconds)
 
     def _profile(self) -> Profile:
-        params = dict(self.sync.model.named_parameters())
-        tensors = sorted(
-            (
-                TensorProfile(
-                    name,
-                    params[name].numel(),
-                    str(params[name].dtype).removeprefix("torch."),
-                    statistics.median(self._ready.get(name, [0.0])),
-                )
-                for name in self.sync.backward_order
-            ),
-            key=lambda t: t.ready,
-        )
-        backward = max((t.ready for t in tensors), default=0.0)
-        total = sum(t.numel for t in tensors)
+        named = dict(self.sync.model.named_parameters())
+        params = {name: named[name] for name in self.sync.backward_order}
         bases = [self.strategy]
         if self.config.constraints is not None:
             bases += [Strategy.make(name) for name in self.config.constraints.extra]
-        costs = {b.cost_key(): measure_compression(b, max_numel=total) for b in bases}
-        return Profile(tensors, 0.0, backward, 0.0, self.sync.world_size, costs)
+        return profile_from_ready_times(params, self._ready, bases, self.sync.world_size)
 
 
 def spare_cores(ranks_here: int) -> bool:
@@ -160,8 +144,6 @@ def spare_cores(ranks_here: int) -> bool:
     idle cores; with every core already running a rank's backward (e.g. 4 ranks
     on 2 cores) the lane does not exist, and offloading only moves the work.
     """
-    import os
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return (cores or 1) >= 2 * max(ranks_here, 1)
 
@@ -171,20 +153,12 @@ def _global(sync: GradientSync, rank: int) -> int:
 
 
 def fit_topology(sync: GradientSync) -> Topology:
-    """Time a few collectives now (every rank calls this) and fit the topology's models."""
-    world = sync.world_size
-    k = sync.ranks_per_node
-    if k > 1 and world // k > 1 and sync.group is None:
-        from thrifty.bench.cluster import measure_topology
+    """Time a few collectives now (every rank calls this) and fit the topology's models.
 
-        return measure_topology(FIT_SIZES, budget_s=0.0, progress=False, ranks_per_node=k)
-    from thrifty.bench.collectives import time_collectives
-
-    primitives = ("all_reduce", "all_gather", "all_to_all")
-    rows = time_collectives(
-        primitives, FIT_SIZES, budget_s=0.0, label="", progress=False, group=sync.group
+    Three reps of each primitive at each of :data:`CALIBRATION_SIZES` (and in
+    the node groups when there are several nodes): a few dozen collectives,
+    paid once before deciding, on the group the plan will run on.
+    """
+    return measure_topology(
+        CALIBRATION_SIZES, budget_s=0.0, ranks_per_node=sync.ranks_per_node, group=sync.group
     )
-    flat = NetworkModel.fit(
-        "in-place", [Measurement(r["primitive"], world, r["nbytes"], r["seconds"]) for r in rows]
-    )
-    return Topology.single_node(flat, world)

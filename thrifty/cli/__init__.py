@@ -16,6 +16,7 @@ from rich.table import Table
 import thrifty
 from thrifty.cli import bench, bytecomp, compress, lazarus, marconi, mergecomp, zen
 from thrifty.cli.params import console
+from thrifty.demo import TOUR
 
 app = typer.Typer(
     help="thrifty: LLM training and serving that spend less network, recomputation and lost work.",
@@ -53,8 +54,6 @@ def main(
 @app.command()
 def demo() -> None:
     """Run a short tour of every system and print one summary table."""
-    from thrifty.demo import TOUR
-
     table = Table(title="thrifty tour")
     for column in ("system", "what ran", "result", "s"):
         table.add_column(column, overflow="fold")

@@ -7,7 +7,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from thrifty.cli.params import console, int_list
+from thrifty.bench.collectives import DEFAULT_SIZES, run_benchmark, run_from_env, summary_rows
+from thrifty.bench.training import LOOPBACK, check_rates
+from thrifty.cli.params import console, int_list, str_list
 
 app = typer.Typer(help="Measurements of the substrates (results/*.json + plots).")
 
@@ -15,7 +17,11 @@ app = typer.Typer(help="Measurements of the substrates (results/*.json + plots).
 @app.command("collectives")
 def bench_collectives(
     rates: Annotated[
-        str, typer.Option(help="Comma-separated: 'loopback' and/or tc rates like 1gbit.")
+        str,
+        typer.Option(
+            help=f"Comma-separated: '{LOOPBACK}' (plain loopback, no emulation) and/or "
+            "emulated rates like 1gbit (root, ip and tc; skipped otherwise)."
+        ),
     ] = "loopback,10gbit,1gbit",
     world_sizes: Annotated[str, typer.Option(help="Comma-separated world sizes.")] = "2,4",
     max_mb: Annotated[
@@ -32,20 +38,27 @@ def bench_collectives(
     ] = False,
 ) -> None:
     """Time all-reduce / all-gather / all-to-all vs size and fit the NetworkModel."""
-    from thrifty.bench.collectives import DEFAULT_SIZES, run_benchmark, run_from_env, summary_rows
-
     sizes = [s for s in DEFAULT_SIZES if s <= max_mb << 20]
+    if not sizes:
+        raise typer.BadParameter(f"{max_mb}: expected >= 1 (MB)", param_hint="'--max-mb'")
+    if budget < 0:
+        raise typer.BadParameter(f"{budget}: expected >= 0 seconds", param_hint="'--budget'")
     if from_env:
         payload = run_from_env(sizes, budget)
         if payload is None:  # not rank 0
             return
     else:
-        payload = run_benchmark(
-            [r.strip() for r in rates.split(",") if r.strip()],
-            int_list(world_sizes),
-            sizes,
-            budget,
-        )
+        chosen = str_list(rates)
+        try:
+            check_rates(chosen)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--rates'") from exc
+        ranks = int_list(world_sizes)
+        if not ranks or min(ranks) < 2:
+            raise typer.BadParameter(
+                f"{world_sizes!r}: expected world sizes >= 2", param_hint="'--world-sizes'"
+            )
+        payload = run_benchmark(chosen, ranks, sizes, budget)
     table = Table(title="fit per primitive: time = max(floor, alpha + bytes on wire / bandwidth)")
     columns = (
         "rate",

@@ -1,15 +1,79 @@
-"""`thrifty compress`: compressor kernels and end-to-end training benchmarks."""
+"""`thrifty compress`: compressor kernels and end-to-end training benchmarks.
+
+The option parsers of the training benchmarks (model, compressors, rates) live
+here and are shared with ``thrifty mergecomp`` and ``thrifty bytecomp``: a
+value the user got wrong is reported against its flag; anything that fails
+later is a bug and shows its traceback.
+"""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
-from thrifty.cli.params import console
+from thrifty.bench import netem
+from thrifty.bench.kernels import format_size, parse_size, run_kernel_benchmark
+from thrifty.bench.models import MODEL_NAMES
+from thrifty.bench.training import LOOPBACK, TrainingResult, check_rates, run_compress_benchmark
+from thrifty.cli.params import console, str_list
+from thrifty.compressors import available_compressors
 
 app = typer.Typer(help="Gradient compression: kernels and end-to-end training benchmarks.")
+
+RATES_HELP = (
+    f"Comma-separated rates: '{LOOPBACK}' (plain loopback, no emulation, no root) "
+    "and/or emulated rates such as 1gbit,200mbit (root, ip and tc)."
+)
+
+
+def model_option(model: str, flag: str = "--model") -> str:
+    """``model`` if it is a benchmark model's name, else BadParameter against ``flag``."""
+    if model not in MODEL_NAMES:
+        raise typer.BadParameter(
+            f"unknown model {model!r}; expected one of {', '.join(MODEL_NAMES)}",
+            param_hint=f"'{flag}'",
+        )
+    return model
+
+
+def compressors_option(text: str, flag: str = "--compressors") -> list[str]:
+    """Comma-separated registry names (``"none"`` excluded); empty means all of them."""
+    known = [c for c in available_compressors() if c != "none"]
+    names = str_list(text) or known
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown compressors {unknown}; expected some of {', '.join(known)}",
+            param_hint=f"'{flag}'",
+        )
+    return names
+
+
+def rates_option(text: str, flag: str = "--rate") -> list[str]:
+    """Comma-separated rates; an emulated one must be readable and emulable on this machine."""
+    rates = str_list(text)
+    try:
+        check_rates(rates)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=f"'{flag}'") from exc
+    if any(r != LOOPBACK for r in rates):
+        try:
+            netem.check_available()
+        except netem.NetemUnavailable as exc:
+            raise typer.BadParameter(
+                f"{exc}; or pass {flag} {LOOPBACK} to run on the plain loopback",
+                param_hint=f"'{flag}'",
+            ) from exc
+    return rates
+
+
+def at_least(value: int, least: int, flag: str) -> int:
+    if value < least:
+        raise typer.BadParameter(f"{value}: expected >= {least}", param_hint=f"'{flag}'")
+    return value
 
 
 @app.command("bench-kernels")
@@ -34,34 +98,42 @@ def compress_bench_kernels(
     ] = True,
 ) -> None:
     """Time every compressor's compress + decompress vs size, beside torch.clone (GB/s)."""
-    from thrifty.bench.kernels import parse_size, run_kernel_benchmark
-
     try:
-        numels = [parse_size(s) for s in sizes.split(",") if s.strip()]
-        names = [c.strip() for c in compressors.split(",") if c.strip()] or None
-        payload = run_kernel_benchmark(
-            numels,
-            names,
-            reps,
-            threads,
-            device,
-            min_reps=min_reps,
-            budget_s=budget,
-            check_finite=check_finite,
-        )
+        numels = [parse_size(s) for s in str_list(sizes)]
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    table = _kernels_table(payload)
-    console.print(table)
+        raise typer.BadParameter(str(exc), param_hint="'--sizes'") from exc
+    if not numels:
+        raise typer.BadParameter("expected at least one size", param_hint="'--sizes'")
+    names = str_list(compressors) or available_compressors()
+    unknown = [n for n in names if n not in available_compressors()]
+    if unknown:
+        raise typer.BadParameter(
+            f"unknown compressors {unknown}; expected some of {', '.join(available_compressors())}",
+            param_hint="'--compressors'",
+        )
+    at_least(reps, 1, "--reps")
+    if not 1 <= min_reps <= reps:
+        raise typer.BadParameter(
+            f"{min_reps}: expected 1..--reps ({reps})", param_hint="'--min-reps'"
+        )
+    if device != "cpu" and not device.startswith("cuda"):
+        raise typer.BadParameter(f"{device!r}: expected cpu or cuda", param_hint="'--device'")
+    payload = run_kernel_benchmark(
+        numels,
+        names,
+        reps,
+        threads,
+        device,
+        min_reps=min_reps,
+        budget_s=budget,
+        check_finite=check_finite,
+    )
+    console.print(_kernels_table(payload))
     console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
 
 
 def _kernels_table(payload: dict) -> Table:
     """One row per (size, compressor), torch.clone first in each size's section."""
-    from rich import box
-
-    from thrifty.bench.kernels import format_size
-
     table = Table(
         title=f"compress + decompress, {payload['device']}, {payload['threads']} thread(s)",
         caption="clone = torch.clone; GB/s = 4 numel / (comp. + decomp.); "
@@ -107,59 +179,63 @@ def _kernels_table(payload: dict) -> Table:
     return table
 
 
-def training_table(payload: dict, title: str) -> Table:
-    table = Table(title=title)
-    for column in ("rate", "configuration", "s/iter", "vs DDP fp32", "MB sent/iter", "predicted"):
+def _bytes(n: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def training_table(result: TrainingResult) -> Table:
+    """One row per (run, configuration): measured, vs DDP fp32, bytes sent, predicted."""
+    searched = any(row.search_iterations for _, row in result.rows())
+    table = Table(title=f"{result.title}: seconds per iteration")
+    columns = ["run", "configuration", "s/iter", "vs DDP fp32", "sent/iter", "predicted"]
+    for column in columns + (["search: iters (s)"] if searched else []):
         table.add_column(column, justify="right")
-    for rate, result in payload["rates"].items():
-        for row in result["rows"]:
-            sent = row.get("wire_bytes_per_iter")
-            pred = row.get("predicted_s")
-            table.add_row(
-                rate,
-                row["label"],
-                f"{row['iteration_s']:.3f}",
-                f"{row['speedup_vs_ddp']:.2f}x",
-                "-" if sent is None else f"{sent / 1e6:.2f}",
-                "-" if pred is None else f"{pred:.3f} ({row['prediction_error']:+.0%})",
-            )
+    for key, row in result.rows():
+        speedup = "-" if row.speedup_vs_ddp is None else f"{row.speedup_vs_ddp:.2f}x"
+        predicted = "-"
+        if row.predicted_s is not None and row.prediction_error is not None:
+            predicted = f"{row.predicted_s:.3f} ({row.prediction_error:+.0%})"
+        cells = [
+            key,
+            row.label,
+            f"{row.iteration_s:.3f}",
+            speedup,
+            _bytes(row.wire_bytes_per_iter),
+            predicted,
+        ]
+        if searched:
+            search = row.search_iterations
+            cells.append(f"{search} ({row.search_s:.1f})" if search else "-")
+        table.add_row(*cells)
     return table
 
 
-def run_training(
-    model: str,
-    workers: int,
-    rates: str,
-    compressors: str,
-    iters: int,
-    plans: tuple[str, ...],
-    name: str,
-) -> None:
-    from thrifty.bench.training import run_training_benchmark
-
-    chosen = [c.strip() for c in compressors.split(",") if c.strip()] or None
-    payload = run_training_benchmark(
-        model,
-        workers,
-        [r.strip() for r in rates.split(",")],
-        chosen,
-        iters=iters,
-        plans=plans,
-        name=name,
-    )
-    console.print(training_table(payload, f"{model}, {workers} workers: iteration time"))
-    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
+def print_training(result: TrainingResult) -> None:
+    console.print(training_table(result))
+    console.print(f"wrote {result.json_path} and {result.plot_path}")
 
 
 @app.command("bench")
 def compress_bench(
-    model: Annotated[str, typer.Option(help="cnn (ResNet-style, ~10M) or gpt (~19M).")] = "cnn",
+    model: Annotated[
+        str, typer.Option(help="cnn (ResNet-style, ~10M), gpt (~19M) or digits (~38K).")
+    ] = "cnn",
     workers: Annotated[int, typer.Option(help="Ranks (processes) on this machine.")] = 2,
-    rate: Annotated[
-        str, typer.Option(help="Comma-separated emulated rates, e.g. 1gbit,200mbit.")
-    ] = "1gbit",
+    rate: Annotated[str, typer.Option(help=RATES_HELP)] = "1gbit",
     compressors: Annotated[str, typer.Option(help="Comma-separated; empty for all.")] = "",
+    warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration.")] = 3,
     iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
 ) -> None:
     """DDP fp32, DDP + powerSGD_hook, thrifty layer-wise and whole-model per compressor."""
-    run_training(model, workers, rate, compressors, iters, ("layerwise", "whole"), "compress")
+    result = run_compress_benchmark(
+        model_option(model),
+        at_least(workers, 1, "--workers"),
+        rates_option(rate),
+        compressors_option(compressors),
+        at_least(warmup, 0, "--warmup"),
+        at_least(iters, 1, "--iters"),
+    )
+    print_training(result)

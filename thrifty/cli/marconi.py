@@ -1,85 +1,118 @@
-"""`thrifty marconi`: traces, the cache simulator and the engine benchmark."""
+"""`thrifty marconi`: traces, the cache simulator and the engine benchmark (parse, call, print)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from thrifty.bench.results import results_dir
 from thrifty.cli.params import console, float_list, str_list
+from thrifty.marconi import POLICIES, Trace, TraceFormatError, load_trace, write_jsonl
+from thrifty.marconi.benchmark import (
+    check_fits_vocabulary,
+    engine_spec,
+    load_ttft_model,
+    run_serve_trace,
+    run_sweep,
+)
+from thrifty.marconi.engine import ARCHITECTURES
+from thrifty.marconi.sharegpt import MESSAGE_FORMATS, TRACE_SOURCES
+from thrifty.marconi.tuner import TUNERS
 
 app = typer.Typer(help="Marconi: prefix caching for hybrid (attention + SSM) LLMs.")
 
 
-def _marconi_load_trace(
-    trace: str | None,
-    source: str,
-    sessions: int,
-    *,
-    min_turns: int = 10,
-    skip_sessions: int = 0,
-    sps: float = 1.0,
-    max_input_tokens: int = 32_768,
-    message_format: str = "json",
-    seed: int = 0,
-):  # -> thrifty.marconi.Trace
-    """A JSONL file (``trace``), else the ShareGPT or synthetic trace."""
-    from thrifty.marconi import TraceFormatError, read_jsonl, sharegpt_trace, synthetic_trace
+def _trace(path: str, source: str, sessions: int, hint: str, **options: Any) -> Trace:
+    """:func:`thrifty.marconi.load_trace`, its errors reported against the flags they concern.
 
+    ``hint`` names the flags that select the ShareGPT slice: a ValueError left
+    after the checks here means no session of that slice qualifies.
+    """
+    if not path and source not in TRACE_SOURCES:
+        raise typer.BadParameter(
+            f"expected one of {TRACE_SOURCES}, got {source!r}", param_hint="'--source'"
+        )
+    if options.get("message_format", "json") not in MESSAGE_FORMATS:
+        raise typer.BadParameter(
+            f"expected one of {MESSAGE_FORMATS}, got {options['message_format']!r}",
+            param_hint="'--message-format'",
+        )
+    if options.get("sessions_per_second", 1.0) <= 0:
+        raise typer.BadParameter("must be positive", param_hint="'--sps'")
     try:
-        if trace:
-            return read_jsonl(trace)
-        if source == "sharegpt":
-            return sharegpt_trace(
-                num_sessions=sessions,
-                min_turns=min_turns,
-                skip_sessions=skip_sessions,
-                sessions_per_second=sps,
-                max_input_tokens=max_input_tokens,
-                message_format=message_format,
-            )
-        if source == "synthetic":
-            return synthetic_trace(num_sessions=sessions, sessions_per_second=sps, seed=seed)
-    except (OSError, TraceFormatError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    raise typer.BadParameter(f"source must be 'sharegpt' or 'synthetic', got {source!r}")
+        return load_trace(path or None, source, sessions=sessions, **options)
+    except (OSError, TraceFormatError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--trace'") from exc
+    except ValueError as exc:  # documented: no session of the slice qualifies
+        raise typer.BadParameter(str(exc), param_hint=hint) from exc
+
+
+def _policies(text: str) -> list[str]:
+    policies = str_list(text)
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown or not policies:
+        raise typer.BadParameter(
+            f"unknown policy {unknown or policies}; expected some of {POLICIES}",
+            param_hint="'--policies'",
+        )
+    return policies
+
+
+def _sizes(text: str, flag: str) -> list[float]:
+    sizes = float_list(text)
+    if not sizes or min(sizes) <= 0:
+        raise typer.BadParameter(f"sizes must be positive, got {text!r}", param_hint=flag)
+    return sizes
 
 
 @app.command("trace")
 def marconi_trace(
     source: Annotated[str, typer.Option(help="sharegpt (the paper's) or synthetic.")] = "sharegpt",
-    sessions: Annotated[int, typer.Option(help="Sessions in the trace.")] = 100,
-    min_turns: Annotated[int, typer.Option(help="ShareGPT: minimum turns per session.")] = 10,
-    skip_sessions: Annotated[int, typer.Option(help="ShareGPT: eligible sessions to skip.")] = 0,
+    sessions: Annotated[int, typer.Option(min=1, help="Sessions in the trace.")] = 100,
+    min_turns: Annotated[
+        int, typer.Option(min=1, help="ShareGPT: minimum turns per session.")
+    ] = 10,
+    skip_sessions: Annotated[
+        int, typer.Option(min=0, help="ShareGPT: eligible sessions to skip.")
+    ] = 0,
     sps: Annotated[float, typer.Option(help="Sessions arriving per second.")] = 1.0,
-    max_input_tokens: Annotated[int, typer.Option(help="A session stops above this.")] = 32_768,
+    max_input_tokens: Annotated[
+        int, typer.Option(min=1, help="A session stops above this.")
+    ] = 32_768,
     message_format: Annotated[str, typer.Option(help="json (artifact) or text.")] = "json",
     seed: Annotated[int, typer.Option(help="Synthetic: random seed.")] = 0,
     out: Annotated[str, typer.Option(help="JSONL path; default results/<trace name>.jsonl.")] = "",
 ) -> None:
     """Build a request trace and write it in the Marconi artifact's JSONL format."""
-    from thrifty.bench.results import results_dir
-    from thrifty.marconi import write_jsonl
-
-    trace = _marconi_load_trace(
-        None, source, sessions, min_turns=min_turns, skip_sessions=skip_sessions, sps=sps,
-        max_input_tokens=max_input_tokens, message_format=message_format, seed=seed,
-    )  # fmt: skip
+    trace = _trace(
+        "",
+        source,
+        sessions,
+        "'--sessions', '--min-turns', '--skip-sessions', '--max-input-tokens'",
+        min_turns=min_turns,
+        skip_sessions=skip_sessions,
+        sessions_per_second=sps,
+        max_input_tokens=max_input_tokens,
+        message_format=message_format,
+        seed=seed,
+    )
     path = write_jsonl(trace, out or results_dir() / f"{trace.name}.jsonl")
     table = Table(title=f"trace {trace.name}")
     table.add_column("field")
     table.add_column("value", justify="right")
-    for key in ("sessions", "requests", "input_tokens", "output_tokens", "longest_input_tokens",
-                "duration_s"):  # fmt: skip
-        value = trace.summary()[key]
+    summary = trace.summary()
+    keys = ("sessions", "requests", "input_tokens", "output_tokens", "longest_input_tokens")
+    for key in (*keys, "duration_s"):
+        value = summary[key]
         table.add_row(key, f"{value:,.1f}" if isinstance(value, float) else f"{value:,}")
     console.print(table)
     console.print(f"wrote {path}")
 
 
-def marconi_sweep_table(payload: dict) -> Table:
+def marconi_sweep_table(payload: dict[str, Any]) -> Table:
     """One row per cache size: each policy's hit rate, FLOPs saved, TTFT and evictions."""
     policies = payload["policies"]
     by = {(r["policy"], r["capacity_gb"]): r for r in payload["results"]}
@@ -98,11 +131,13 @@ def marconi_sweep_table(payload: dict) -> Table:
         cells = []
         for policy in policies:
             r = by.get((policy, gb))
+            if r is None:
+                cells.append("-")
+                continue
             cells.append(
-                "-" if r is None else
                 f"{r['token_hit_rate']:.1%} ({r['flops_saved_fraction']:.1%}) | "
                 f"{r['ttft_p50_ms']:.0f}/{r['ttft_p95_ms']:.0f} | {r['evictions']}"
-            )  # fmt: skip
+            )
         if "marconi" in policies:
             m = by.get(("marconi", gb))
             for base in ("vllm+", "sglang+"):
@@ -117,22 +152,22 @@ def marconi_sweep_table(payload: dict) -> Table:
 def marconi_simulate(
     trace: Annotated[str, typer.Option(help="A JSONL trace; default: --source.")] = "",
     source: Annotated[str, typer.Option(help="sharegpt or synthetic.")] = "sharegpt",
-    sessions: Annotated[int, typer.Option(help="Sessions (--source).")] = 100,
+    sessions: Annotated[int, typer.Option(min=1, help="Sessions (--source).")] = 100,
     skip_sessions: Annotated[
-        int, typer.Option(help="ShareGPT: eligible sessions to skip (a disjoint slice).")
+        int, typer.Option(min=0, help="ShareGPT: eligible sessions to skip (a disjoint slice).")
     ] = 0,
-    sizes_gb: Annotated[str, typer.Option(help="Comma-separated cache sizes in GB.")] = (
-        "1,2,3,4,5,10"
-    ),
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = (
-        "vllm+,sglang+,marconi"
-    ),
-    workers: Annotated[int, typer.Option(help="Worker processes.")] = 2,
-    tuner: Annotated[str, typer.Option(help="Marconi's alpha tuner: window, paper, none.")] = (
-        "window"
-    ),
+    sizes_gb: Annotated[
+        str, typer.Option(help="Comma-separated cache sizes in GB.")
+    ] = "1,2,3,4,5,10",
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated policies.")
+    ] = "vllm+,sglang+,marconi",
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
+    tuner: Annotated[
+        str, typer.Option(help="Marconi's alpha tuner: window, paper, none.")
+    ] = "window",
     alpha: Annotated[
-        float | None, typer.Option(help="A fixed alpha for Marconi (no tuner).")
+        float | None, typer.Option(min=0.0, help="A fixed alpha for Marconi (no tuner).")
     ] = None,
     ttft: Annotated[
         str,
@@ -144,17 +179,26 @@ def marconi_simulate(
     name: Annotated[str, typer.Option(help="Results file stem.")] = "marconi_sweep",
 ) -> None:
     """Replay a trace for every policy x cache size (the paper's 7B hybrid, sizes only)."""
-    from thrifty.marconi.benchmark import run_sweep
-
-    the_trace = _marconi_load_trace(trace or None, source, sessions, skip_sessions=skip_sessions)
+    chosen = _policies(policies)
+    capacities = _sizes(sizes_gb, "'--sizes-gb'")
+    if tuner not in TUNERS:
+        raise typer.BadParameter(f"expected one of {TUNERS}, got {tuner!r}", param_hint="'--tuner'")
     try:
-        payload = run_sweep(
-            the_trace, policies=str_list(policies), capacities_gb=float_list(sizes_gb),
-            workers=workers, ttft=ttft, tuner=None if tuner == "none" else tuner, alpha=alpha,
-            name=name,
-        )  # fmt: skip
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        load_ttft_model(ttft)
+    except ValueError as exc:  # documented: a fit that cannot be read
+        raise typer.BadParameter(str(exc), param_hint="'--ttft'") from exc
+    hint = "'--sessions', '--skip-sessions'"
+    the_trace = _trace(trace, source, sessions, hint, skip_sessions=skip_sessions)
+    payload = run_sweep(
+        the_trace,
+        policies=chosen,
+        capacities_gb=capacities,
+        workers=workers,
+        ttft=ttft,
+        tuner=None if tuner == "none" else tuner,
+        alpha=alpha,
+        name=name,
+    )
     Console(width=max(console.width, 160)).print(marconi_sweep_table(payload))
     for goal, result in payload["goals"].items():
         detail = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
@@ -172,65 +216,95 @@ def marconi_simulate(
     console.print(f"wrote {payload['json_path']} and {payload['plot_path']}")
 
 
-def marconi_serve_table(payload: dict) -> Table:
+def marconi_serve_table(payload: dict[str, Any]) -> Table:
+    fit = payload["ttft_fit"]
     table = Table(
         title=f"engine TTFT, {payload['model']['arch']} (tiny, random weights) on CPU, "
         f"{payload['trace']['requests']} ShareGPT requests",
-        caption=f"modelled = fit {payload['ttft_fit']['intercept_ms']:.1f} ms + "
-        f"{payload['ttft_fit']['per_token_ms']:.3f} ms/token prefilled "
-        f"(R^2 {payload['ttft_fit']['r2']:.2f}) applied to each request",
+        caption=f"modelled = fit {fit['intercept_ms']:.1f} ms + {fit['per_token_ms']:.3f} "
+        f"ms/token prefilled (R^2 {fit['r2']:.2f}) applied to each request",
     )
-    columns = ("engine", "budget MB", "hit rate", "mean ms", "P50 ms", "P95 ms",
-               "modelled mean", "pieces>1", "evictions")  # fmt: skip
+    columns = (
+        "engine",
+        "budget MB",
+        "hit rate",
+        "mean ms",
+        "P50 ms",
+        "P95 ms",
+        "modelled mean",
+        "pieces>1",
+        "evictions",
+    )
     for column in columns:
         table.add_column(column, justify="left" if column == "engine" else "right")
     for r in payload["rows"]:
         table.add_row(
-            r["policy"], "-" if r["capacity_mb"] is None else f"{r['capacity_mb']:g}",
-            f"{r['token_hit_rate']:.1%}", f"{r['ttft_mean_ms']:.0f}", f"{r['ttft_p50_ms']:.0f}",
-            f"{r['ttft_p95_ms']:.0f}", f"{r['modelled_ttft_mean_ms']:.0f}",
-            str(r["multi_piece_prefills"]), str(r.get("evictions", "-")),
-        )  # fmt: skip
+            r["policy"],
+            "-" if r["capacity_mb"] is None else f"{r['capacity_mb']:g}",
+            f"{r['token_hit_rate']:.1%}",
+            f"{r['ttft_mean_ms']:.0f}",
+            f"{r['ttft_p50_ms']:.0f}",
+            f"{r['ttft_p95_ms']:.0f}",
+            f"{r['modelled_ttft_mean_ms']:.0f}",
+            str(r["multi_piece_prefills"]),
+            str(r.get("evictions", "-")),
+        )
     return table
 
 
 @app.command("serve-trace")
 def marconi_serve_trace(
     trace: Annotated[str, typer.Option(help="A JSONL trace; default: a ShareGPT slice.")] = "",
-    sessions: Annotated[int, typer.Option(help="ShareGPT sessions in the slice.")] = 8,
-    max_input_tokens: Annotated[int, typer.Option(help="A session stops above this.")] = 1024,
+    sessions: Annotated[int, typer.Option(min=1, help="ShareGPT sessions in the slice.")] = 8,
+    max_input_tokens: Annotated[
+        int, typer.Option(min=1, help="A session stops above this.")
+    ] = 1024,
     budgets_mb: Annotated[str, typer.Option(help="Comma-separated budgets (MB).")] = "8,16",
-    policies: Annotated[str, typer.Option(help="Comma-separated policies.")] = (
-        "vllm+,sglang+,marconi"
-    ),
-    arch: Annotated[str, typer.Option(help="Hybrid architecture of the tiny model.")] = (
-        "nemotron_h"
-    ),
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated policies.")
+    ] = "vllm+,sglang+,marconi",
+    arch: Annotated[
+        str, typer.Option(help="Hybrid architecture of the tiny model.")
+    ] = "nemotron_h",
     hidden_size: Annotated[int, typer.Option(help="Model width.")] = 128,
     layers: Annotated[int, typer.Option(help="Decoder layers (1 in 4 is attention).")] = 8,
     vocab_size: Annotated[int, typer.Option(help="Vocabulary (cl100k: 100277).")] = 100_277,
-    repeats: Annotated[int, typer.Option(help="Timings per request (fastest kept).")] = 3,
-    threads: Annotated[int, typer.Option(help="torch threads.")] = 1,
+    repeats: Annotated[int, typer.Option(min=1, help="Timings per request (fastest kept).")] = 3,
+    threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
     name: Annotated[str, typer.Option(help="Results file stem.")] = "marconi_serve",
 ) -> None:
     """Serve a ShareGPT slice through a tiny hybrid model per policy; measure TTFT."""
-    import transformers
-
-    from thrifty.marconi.benchmark import run_serve_trace
-
-    transformers.logging.set_verbosity_error()  # the reference-kernel fallback notices
-    the_trace = _marconi_load_trace(
-        trace or None, "sharegpt", sessions, max_input_tokens=max_input_tokens
-    )
+    chosen = _policies(policies)
+    budgets = _sizes(budgets_mb, "'--budgets-mb'")
+    if arch not in ARCHITECTURES:
+        raise typer.BadParameter(
+            f"expected one of {ARCHITECTURES}, got {arch!r}", param_hint="'--arch'"
+        )
+    model_options = {
+        "arch": arch,
+        "hidden_size": hidden_size,
+        "num_layers": layers,
+        "vocab_size": vocab_size,
+    }
     try:
-        payload = run_serve_trace(
-            the_trace, capacities_mb=float_list(budgets_mb),
-            policies=str_list(policies), repeats=repeats, threads=threads, name=name,
-            model_options={"arch": arch, "hidden_size": hidden_size, "num_layers": layers,
-                           "vocab_size": vocab_size},
-        )  # fmt: skip
+        engine_spec(model_options)
+    except ValueError as exc:  # documented: a size the architecture cannot take
+        raise typer.BadParameter(str(exc), param_hint="'--hidden-size', '--layers'") from exc
+    hint = "'--sessions', '--max-input-tokens'"
+    the_trace = _trace(trace, "sharegpt", sessions, hint, max_input_tokens=max_input_tokens)
+    try:
+        check_fits_vocabulary(the_trace, vocab_size)
     except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
+        raise typer.BadParameter(str(exc), param_hint="'--vocab-size'") from exc
+    payload = run_serve_trace(
+        the_trace,
+        capacities_mb=budgets,
+        policies=chosen,
+        repeats=repeats,
+        threads=threads,
+        name=name,
+        model_options=model_options,
+    )
     Console(width=max(console.width, 140)).print(marconi_serve_table(payload))
     goal = payload["goals"]["marconi_mean_ttft_lowest"]
     console.print(

@@ -1,4 +1,4 @@
-"""`thrifty mergecomp`: MergeComp's benchmark."""
+"""`thrifty mergecomp`: MergeComp's benchmark (parse, call, print the table)."""
 
 from __future__ import annotations
 
@@ -6,22 +6,43 @@ from typing import Annotated
 
 import typer
 
-from thrifty.cli.compress import run_training
+from thrifty.cli.compress import (
+    RATES_HELP,
+    at_least,
+    compressors_option,
+    model_option,
+    print_training,
+    rates_option,
+)
+from thrifty.mergecomp.benchmark import run_mergecomp_benchmark
 
 app = typer.Typer(help="MergeComp: compression over merged tensor groups.")
 
 
 @app.command("bench")
 def mergecomp_bench(
-    model: Annotated[str, typer.Option(help="cnn or gpt.")] = "cnn",
+    model: Annotated[str, typer.Option(help="cnn, gpt or digits.")] = "cnn",
     workers: Annotated[int, typer.Option(help="Ranks (processes) on this machine.")] = 2,
-    rate: Annotated[str, typer.Option(help="Comma-separated emulated rates.")] = "1gbit,10gbit",
+    rate: Annotated[str, typer.Option(help=RATES_HELP)] = "1gbit,10gbit",
     compressors: Annotated[
         str, typer.Option(help="Comma-separated; empty for all.")
     ] = "dgc,topk,efsignsgd",
+    mode: Annotated[
+        str, typer.Option(help="hybrid (model candidates, then measured) or online (measured).")
+    ] = "hybrid",
+    warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration.")] = 3,
     iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
 ) -> None:
     """DDP fp32 vs layer-wise, whole-model and MergeComp, with MergeComp's search cost."""
-    run_training(
-        model, workers, rate, compressors, iters, ("layerwise", "whole", "mergecomp"), "mergecomp"
+    if mode not in ("hybrid", "online"):
+        raise typer.BadParameter(f"{mode!r}: expected hybrid or online", param_hint="'--mode'")
+    result = run_mergecomp_benchmark(
+        model_option(model),
+        at_least(workers, 1, "--workers"),
+        rates_option(rate),
+        compressors_option(compressors),
+        at_least(warmup, 0, "--warmup"),
+        at_least(iters, 1, "--iters"),
+        mode=mode,
     )
+    print_training(result)

@@ -250,9 +250,11 @@ def all_gather(
     work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
 
     def finish() -> list[torch.Tensor]:
-        parts = [p.view(tensor.shape) for p in recv.split(flat.numel())] if flat.numel() else [
-            torch.empty_like(tensor) for _ in range(n)
-        ]  # fmt: skip
+        parts = (
+            [p.view(tensor.shape) for p in recv.split(flat.numel())]
+            if flat.numel()
+            else [torch.empty_like(tensor) for _ in range(n)]
+        )
         if out is None:
             return parts
         for o, p in zip(out, parts, strict=True):
@@ -321,9 +323,13 @@ def all_gather_v(
     send = tensor.repeat(n) if n > 1 else tensor
     recv = torch.empty(sum(sizes), dtype=tensor.dtype)
     work = dist.all_to_all_single(
-        recv, send, output_split_sizes=sizes, input_split_sizes=[tensor.numel()] * n,
-        group=group, async_op=async_op,
-    )  # fmt: skip
+        recv,
+        send,
+        output_split_sizes=sizes,
+        input_split_sizes=[tensor.numel()] * n,
+        group=group,
+        async_op=async_op,
+    )
 
     def finish() -> list[torch.Tensor]:
         return list(torch.split(recv, sizes))
@@ -397,9 +403,13 @@ def all_to_all_v(
     else:
         recv = out
     work = dist.all_to_all_single(
-        recv, send, output_split_sizes=recv_sizes, input_split_sizes=send_sizes,
-        group=group, async_op=async_op,
-    )  # fmt: skip
+        recv,
+        send,
+        output_split_sizes=recv_sizes,
+        input_split_sizes=send_sizes,
+        group=group,
+        async_op=async_op,
+    )
 
     def finish() -> list[torch.Tensor]:
         return list(torch.split(recv, recv_sizes))
@@ -413,9 +423,17 @@ def all_to_all_v(
 
 # Stable codes for the self-describing header: never reorder, only append.
 _DTYPE_CODES: tuple[torch.dtype, ...] = (
-    torch.float32, torch.float16, torch.bfloat16, torch.float64,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-)  # fmt: skip
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
+)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ describe the links:
 * ``inter``: collectives among the ranks with the same local index on each
   node, all ``k`` such groups running at once, as the hierarchical scheme runs
   them. They share every node's NIC, so the model must be fitted that way
-  (``thrifty.bench.cluster`` does), not with one group alone.
+  (:func:`thrifty.comm.calibration.measure_topology` does), not with one group alone.
 
 Example::
 

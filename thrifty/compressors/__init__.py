@@ -14,77 +14,34 @@ Example::
     memory.update("fc.weight", compensated, compressor.decompress(payload, grad.numel()))
     # ... all-gather the payloads, then:
     total = compressor.aggregate(gathered_payloads, grad.numel())
+
+This package exports the entry points (the registries and the two base classes)
+and the types a :class:`Compressor` subclass returns. The compressors themselves
+(``TopK``, ``PowerSGD``, ...), the memories and the bit-packing and local
+all-reduce helpers are imported from their modules, e.g.
+``from thrifty.compressors.sparsifiers import TopK``.
 """
 
 from __future__ import annotations
 
-from thrifty.compressors.base import (
-    AllreduceRounds,
-    Compressor,
-    Reduce,
-    ReduceOp,
-    RoundSpec,
-    TensorSpec,
-    stable_key_hash,
-)
-from thrifty.compressors.bitpacking import (
-    pack_bits,
-    pack_codes,
-    packed_nbytes,
-    unpack_bits,
-    unpack_codes,
-)
-from thrifty.compressors.low_precision import BF16, FP16, NoCompression
-from thrifty.compressors.memory import DGCMemory, Memory, NoMemory, ResidualMemory
-from thrifty.compressors.powersgd import PowerSGD
-from thrifty.compressors.quantizers import QSGD, TernGrad
+from thrifty.compressors.base import AllreduceRounds, Compressor, Reduce, RoundSpec, TensorSpec
+from thrifty.compressors.memory import Memory
 from thrifty.compressors.registry import (
-    COMPRESSORS,
     available_compressors,
     default_memory,
     get_compressor,
     get_memory,
 )
-from thrifty.compressors.rounds import reduce_locally, run_allreduce_rounds_locally
-from thrifty.compressors.sign import EFSignSGD, OneBit, SignSGD, Signum
-from thrifty.compressors.sparsifiers import DGC, RandomK, SparsityWarmup, TopK
 
 __all__ = [
-    "BF16",
-    "COMPRESSORS",
-    "DGC",
-    "FP16",
-    "QSGD",
     "AllreduceRounds",
     "Compressor",
-    "DGCMemory",
-    "EFSignSGD",
     "Memory",
-    "NoCompression",
-    "NoMemory",
-    "OneBit",
-    "PowerSGD",
-    "RandomK",
     "Reduce",
-    "ReduceOp",
-    "ResidualMemory",
     "RoundSpec",
-    "SignSGD",
-    "Signum",
-    "SparsityWarmup",
     "TensorSpec",
-    "TernGrad",
-    "TopK",
     "available_compressors",
     "default_memory",
     "get_compressor",
     "get_memory",
-    "pack_bits",
-    "pack_codes",
-    "packed_nbytes",
-    "reduce_locally",
-    "run_allreduce_rounds_locally",
-    "stable_key_hash",
-    "unpack_bits",
-    "unpack_codes",
 ]

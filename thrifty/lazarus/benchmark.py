@@ -18,9 +18,9 @@ allocation, with exact probabilities:
 
 * ``"thrifty"`` - :func:`~thrifty.lazarus.search_placement` with the
   arguments the runtime uses (``min_distinct`` = the enforced ``f``);
-* ``"mro"`` - :func:`~thrifty.lazarus.mro_placement`, as published;
-* ``"spread"`` - :func:`~thrifty.lazarus.rotation_placement`;
-* ``"compact"`` - :func:`~thrifty.lazarus.compact_placement`.
+* ``"mro"`` - :func:`~thrifty.lazarus.placement.mro_placement`, as published;
+* ``"spread"`` - :func:`~thrifty.lazarus.placement.rotation_placement`;
+* ``"compact"`` - :func:`~thrifty.lazarus.placement.compact_placement`.
 
 Replica counts come from Eq. 1 (:func:`~thrifty.lazarus.allocate_replicas`)
 on per-expert token loads. The paper's loads (SmartMoE's routing trace at
@@ -40,27 +40,44 @@ Thrifty's search maximises ``(P(1), P(2), ...)`` lexicographically, not each
 :func:`placement_scaling` times :func:`~thrifty.lazarus.place_experts` at
 1,000 nodes (paper §6.7: under 1 s on one core).
 
-``thrifty lazarus bench`` runs all three and writes ``results/lazarus_bench.json``
-with two plots.
+``thrifty lazarus bench`` runs all three through :func:`run_bench`, which writes
+``results/lazarus_bench.json`` with two plots; :func:`measured_costs` reads the
+recovery medians back for the simulator (``thrifty lazarus simulate --from-bench``).
+
+This is the benchmark side of Lazarus, the only module of the package that uses
+the harness (:mod:`thrifty.bench`), so the modules a training step runs never
+load it. It also holds the launchers: :func:`train` / :func:`run_job` start a
+run on local gloo ranks with the harness's ``run_ranks`` (used by ``thrifty
+lazarus train``, the demo and the recovery benchmark), and run as
+``python -m thrifty.lazarus.benchmark SPEC_JSON`` the module is the ``torchrun``
+entry point of the checkpoint-restart baseline.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import logging
+import os
 import random
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
+from thrifty.bench.cluster import ClusterJobFailed, cluster_worker_main, run_torchrun
+from thrifty.bench.launch import RankFailure, run_ranks
+from thrifty.bench.results import results_dir, write_json
 from thrifty.lazarus.allocation import allocate_replicas
+from thrifty.lazarus.moe import sharegpt_corpus
 from thrifty.lazarus.placement import (
     Placement,
     compact_placement,
@@ -69,16 +86,22 @@ from thrifty.lazarus.placement import (
 )
 from thrifty.lazarus.placement_search import place_experts, search_placement
 from thrifty.lazarus.recovery import recovery_estimate
-from thrifty.lazarus.runtime import LazarusConfig, _replace, run_job, summarize
+from thrifty.lazarus.runtime import LazarusConfig, summarize, train_rank
 
 __all__ = [
     "PAPER_FIG8",
     "PLACEMENTS",
+    "LazarusBenchConfig",
+    "LazarusBenchResult",
+    "measured_costs",
     "placement_comparison",
     "placement_scaling",
     "plot_placement_comparison",
     "plot_recovery",
     "recovery_vs_restart",
+    "run_bench",
+    "run_job",
+    "train",
     "zipf_loads",
 ]
 
@@ -88,6 +111,42 @@ PLACEMENTS = ("thrifty", "mro", "spread", "compact")
 # Fig. 8, GPT-L at step 200 (10 nodes x 6 slots, 16 experts), 4 nodes failed.
 PAPER_FIG8 = {"failed": 4, "lazarus": 0.41, "spread": 0.12, "compact": 0.0}
 SCALING_GOAL_S = 1.0
+SCALING_SLOTS = 8
+SCALING_EXPERTS = 64
+# The torchrun baseline runs this module (its ``__main__`` below) on every rank.
+MODULE = "thrifty.lazarus.benchmark"
+
+
+# --------------------------------------------------------------------------- local launcher
+
+
+def run_job(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> list[Any]:
+    """Run ``cfg.workers + cfg.joiners`` local gloo ranks; their raw results (None if killed).
+
+    ``corpus`` defaults to ``cfg.corpus_tokens`` ShareGPT tokens; without a
+    ``checkpoint_dir`` the run checkpoints into a temporary directory.
+    """
+    if corpus is None:
+        corpus = sharegpt_corpus(cfg.corpus_tokens, cfg.vocab)
+    with contextlib.ExitStack() as stack:
+        if not cfg.checkpoint_dir:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lazarus-ckpt-"))
+            cfg = replace(cfg, checkpoint_dir=tmp)
+        return run_ranks(
+            train_rank,
+            cfg.workers + cfg.joiners,
+            corpus,
+            cfg,
+            may_die=cfg.kill_ranks,
+            timeout=max(120.0, cfg.steps * 3.0),
+        )
+
+
+def train(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> dict[str, Any]:
+    """Run Lazarus on local gloo ranks and return the JSON report (see :func:`summarize`)."""
+    started = time.perf_counter()
+    results = run_job(cfg, corpus)
+    return summarize(cfg, results, time.perf_counter() - started)
 
 
 def zipf_loads(
@@ -233,8 +292,8 @@ def placement_comparison(
 
 def placement_scaling(
     nodes: int = 1000,
-    slots: int = 8,
-    experts: int = 64,
+    slots: int = SCALING_SLOTS,
+    experts: int = SCALING_EXPERTS,
     repeats: int = 3,
     *,
     min_replicas: int = 2,
@@ -288,10 +347,10 @@ def placement_scaling(
 
 def plot_placement_comparison(result: dict[str, Any], path: str | Path) -> Path:
     """Grouped bars like Fig. 8: per number of failed nodes, one bar per placement."""
-    import matplotlib
+    import matplotlib  # optional: [bench] matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: [bench] matplotlib
 
     ks = result["config"]["failures"]
     names = list(result["placements"])
@@ -321,14 +380,47 @@ def plot_placement_comparison(result: dict[str, Any], path: str | Path) -> Path:
 
 
 RECOVERY_SYSTEMS = ("lazarus", "torchrun", "warm_relaunch")
+# The recovery job's model and victim (``recovery_vs_restart``'s defaults).
+RECOVERY_SLOTS = 3
+RECOVERY_EXPERTS = 6
+RECOVERY_KILL_RANK = 2
+RECOVERY_STEPS_AFTER_KILL = 9
+
+
+def _recovery_config(
+    workers: int,
+    slots: int,
+    experts: int,
+    steps: int,
+    kill_rank: int,
+    kill_at_step: int,
+    checkpoint_every: int,
+) -> LazarusConfig:
+    """The recovery job; the restarts need a checkpoint before the kill and steps after it."""
+    if not 0 < checkpoint_every < kill_at_step < steps:
+        raise ValueError(
+            f"checkpoint_every={checkpoint_every}, kill_at_step={kill_at_step}, steps={steps}: "
+            "expected 0 < checkpoint_every < kill_at_step < steps (the restarts resume from a "
+            "checkpoint before the kill, and recovery is timed up to the failed step)"
+        )
+    return LazarusConfig(
+        workers=workers,
+        slots=slots,
+        experts=experts,
+        steps=steps,
+        kill_ranks=(kill_rank,),
+        kill_at_step=kill_at_step,
+        checkpoint_every=checkpoint_every,
+        return_states=True,
+    )
 
 
 def recovery_vs_restart(
     workers: int = 4,
-    slots: int = 3,
-    experts: int = 6,
-    steps: int = 24,
-    kill_rank: int = 2,
+    slots: int = RECOVERY_SLOTS,
+    experts: int = RECOVERY_EXPERTS,
+    steps: int = 15 + RECOVERY_STEPS_AFTER_KILL,
+    kill_rank: int = RECOVERY_KILL_RANK,
     kill_at_step: int = 15,
     checkpoint_every: int = 10,
     repeats: int = 3,
@@ -346,14 +438,11 @@ def recovery_vs_restart(
     Runs are interleaved ``repeats`` times and medians reported, since this
     machine is shared and noisy.
     """
-    from thrifty.lazarus.moe import sharegpt_corpus
-
-    cfg = LazarusConfig(
-        workers=workers, slots=slots, experts=experts, steps=steps, kill_ranks=(kill_rank,),
-        kill_at_step=kill_at_step, checkpoint_every=checkpoint_every, return_states=True,
-    )  # fmt: skip
-    if not 0 < checkpoint_every < kill_at_step < steps:
-        raise ValueError("need 0 < checkpoint_every < kill_at_step < steps")
+    if repeats < 1:
+        raise ValueError(f"repeats={repeats}: need at least one measurement")
+    cfg = _recovery_config(
+        workers, slots, experts, steps, kill_rank, kill_at_step, checkpoint_every
+    )
     if corpus is None:
         corpus = sharegpt_corpus(cfg.corpus_tokens, cfg.vocab)
     measure = {
@@ -389,7 +478,10 @@ def recovery_vs_restart(
 
 
 def _measure_once_more_on_failure(
-    measure: Any, cfg: LazarusConfig, corpus: torch.Tensor, failures: list[str]
+    measure: Callable[[LazarusConfig, torch.Tensor], dict[str, Any]],
+    cfg: LazarusConfig,
+    corpus: torch.Tensor,
+    failures: list[str],
 ) -> dict[str, Any]:
     """One measurement; a job that fails to start is tried once more and recorded.
 
@@ -397,9 +489,6 @@ def _measure_once_more_on_failure(
     "Connection closed by peer" while many processes start on 2 cores; that
     says nothing about recovery, so the measurement is retried, visibly.
     """
-    from thrifty.bench.cluster import ClusterJobFailed
-    from thrifty.bench.launch import RankFailure
-
     try:
         return measure(cfg, corpus)
     except (RankFailure, ClusterJobFailed) as exc:
@@ -439,18 +528,14 @@ def _lazarus_recovery(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any
 
 def _torchrun_restart(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any]:
     """torchrun --max-restarts 1: the agent restarts all workers, which resume from a checkpoint."""
-    from thrifty.bench.cluster import run_torchrun
-
     with tempfile.TemporaryDirectory(prefix="lazarus-torchrun-") as tmp:
         corpus_path = str(Path(tmp) / "corpus.pt")
         torch.save(corpus, corpus_path)
-        job = _replace(cfg, on_failure="abort", checkpoint_dir=f"{tmp}/ckpt", return_states=False)
+        job = replace(cfg, on_failure="abort", checkpoint_dir=f"{tmp}/ckpt", return_states=False)
         config = {**asdict(job), "kill_ranks": list(job.kill_ranks)}
         spec = {"config": config, "corpus": corpus_path}
-        results = run_torchrun(
-            None, cfg.workers, "thrifty.lazarus.worker", spec, timeout=max(120.0, cfg.steps * 3.0),
-            max_restarts=1,
-        )  # fmt: skip
+        timeout = max(120.0, cfg.steps * 3.0)
+        results = run_torchrun(None, cfg.workers, MODULE, spec, timeout, max_restarts=1)
         killed = max(float(p.read_text()) for p in Path(tmp, "ckpt").glob("killed*.txt"))
     if any(r["attempt"] != 1 for r in results):
         raise RuntimeError("torchrun did not restart the job after the kill")
@@ -459,7 +544,7 @@ def _torchrun_restart(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any
     started = max(r["process_started"] for r in results)
     return {
         "total_s": walls[cfg.kill_at_step] - killed,
-        "relaunch_s": started - killed,  # agent notices, stops, spawns; imports
+        "relaunch_s": started - killed,  # agent notices, stops, spawns; start-up, imports
         "init_load_s": walls[resumed_at] - started,
         "redo_s": walls[cfg.kill_at_step] - walls[resumed_at],
         "steps_lost": cfg.kill_at_step - resumed_at,
@@ -469,11 +554,11 @@ def _torchrun_restart(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any
 def _warm_relaunch(cfg: LazarusConfig, corpus: torch.Tensor) -> dict[str, Any]:
     """Survivors abort; our harness relaunches them (forkserver: torch already imported)."""
     with tempfile.TemporaryDirectory(prefix="lazarus-restart-") as tmp:
-        first = _replace(cfg, on_failure="abort", checkpoint_dir=tmp, return_states=False)
+        first = replace(cfg, on_failure="abort", checkpoint_dir=tmp, return_states=False)
         aborted = [r for r in run_job(first, corpus) if r is not None]
         relaunched = time.time()
         survivors = cfg.workers - len(cfg.kill_ranks)
-        results = run_job(_replace(first, workers=survivors, kill_ranks=(), resume=True), corpus)
+        results = run_job(replace(first, workers=survivors, kill_ranks=(), resume=True), corpus)
     walls = results[0]["step_walls"]
     resumed_at = min(walls)
     killed = aborted[0]["killed"]
@@ -499,10 +584,10 @@ def _median(values: Sequence[float | None]) -> float:
 
 def plot_recovery(result: dict[str, Any], path: str | Path) -> Path:
     """Stacked bars: where each system's recovery time goes (medians)."""
-    import matplotlib
+    import matplotlib  # optional: [bench] matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: [bench] matplotlib
 
     fig, ax = plt.subplots(figsize=(9.5, 3.5))
     for i, name in enumerate(RECOVERY_SYSTEMS):
@@ -521,3 +606,157 @@ def plot_recovery(result: dict[str, Any], path: str | Path) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+# --------------------------------------------------------------------------- torchrun entry
+
+
+def _torchrun_rank(spec: dict[str, Any], started: float) -> dict[str, Any]:
+    """One rank under torchrun: train, or on a restarted attempt resume; with its timestamps.
+
+    The spec holds the :class:`LazarusConfig` fields and the path of a saved
+    token corpus. A restarted attempt (``TORCHELASTIC_RESTART_COUNT`` > 0)
+    resumes from the newest checkpoint and kills no one.
+    """
+    fields = dict(spec["config"])
+    fields["kill_ranks"] = tuple(fields["kill_ranks"])
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if attempt:
+        fields.update(kill_ranks=(), resume=True)
+    cfg = LazarusConfig(**fields)
+    corpus = torch.load(spec["corpus"])
+    result = train_rank(corpus, cfg, namespace=f"lazarus-attempt{attempt}")
+    result.pop("held", None)
+    return {**result, "attempt": attempt, "process_started": started}
+
+
+# --------------------------------------------------------------------------- thrifty lazarus bench
+
+
+@dataclass(frozen=True)
+class LazarusBenchConfig:
+    """What ``thrifty lazarus bench`` runs.
+
+    Args:
+        repeats: interleaved repetitions of each recovery (medians reported).
+        workers: ranks of the recovery job, which kills rank 2 (so at least 3).
+        kill_at_step: the step whose forward ends in the kill; the job runs
+            ``kill_at_step + 9`` steps.
+        checkpoint_every: checkpoint interval, below ``kill_at_step`` so that
+            the restarts have a checkpoint to resume from.
+        nodes, slots, experts: the placement instance (Fig. 8: 10 x 6, 16 experts),
+            scored for 1 to ``min(5, nodes)`` failed nodes.
+        scaling_nodes: nodes of the :func:`placement_scaling` timing (8 slots,
+            64 experts; paper §6.7: 1,000 nodes).
+    """
+
+    repeats: int = 3
+    workers: int = 4
+    kill_at_step: int = 15
+    checkpoint_every: int = 10
+    nodes: int = 10
+    slots: int = 6
+    experts: int = 16
+    scaling_nodes: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("repeats", "nodes", "slots", "experts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: expected >= 1")
+        if self.workers <= RECOVERY_KILL_RANK:
+            raise ValueError(
+                f"workers={self.workers}: expected >= {RECOVERY_KILL_RANK + 1} "
+                f"(the recovery job kills rank {RECOVERY_KILL_RANK})"
+            )
+        if self.experts > self.nodes * self.slots:
+            raise ValueError(
+                f"experts={self.experts}: more than nodes={self.nodes} x slots={self.slots} "
+                "slots can hold"
+            )
+        if self.scaling_nodes * SCALING_SLOTS < SCALING_EXPERTS:
+            raise ValueError(
+                f"scaling_nodes={self.scaling_nodes}: expected >= "
+                f"{SCALING_EXPERTS // SCALING_SLOTS} ({SCALING_EXPERTS} experts in "
+                f"{SCALING_SLOTS} slots per node)"
+            )
+        _ = self.recovery  # checks kill_at_step and checkpoint_every
+
+    @property
+    def recovery(self) -> LazarusConfig:
+        """The recovery job (:func:`recovery_vs_restart`'s model and kill)."""
+        return _recovery_config(
+            self.workers,
+            RECOVERY_SLOTS,
+            RECOVERY_EXPERTS,
+            self.kill_at_step + RECOVERY_STEPS_AFTER_KILL,
+            RECOVERY_KILL_RANK,
+            self.kill_at_step,
+            self.checkpoint_every,
+        )
+
+
+@dataclass(frozen=True)
+class LazarusBenchResult:
+    """:func:`run_bench`'s three results (as written to ``json_path``) and its plots."""
+
+    config: LazarusBenchConfig
+    recovery: dict[str, Any]
+    placement: dict[str, Any]
+    scaling: dict[str, Any]
+    json_path: Path
+    plots: tuple[Path, ...]
+
+
+def run_bench(cfg: LazarusBenchConfig) -> LazarusBenchResult:
+    """Recovery vs restarts, Fig. 8 placement and placement scaling; JSON and plots in results/."""
+    recovery = recovery_vs_restart(
+        workers=cfg.workers,
+        steps=cfg.kill_at_step + RECOVERY_STEPS_AFTER_KILL,
+        kill_at_step=cfg.kill_at_step,
+        checkpoint_every=cfg.checkpoint_every,
+        repeats=cfg.repeats,
+    )
+    placement = placement_comparison(
+        nodes=cfg.nodes,
+        slots=cfg.slots,
+        experts=cfg.experts,
+        failures=range(1, min(5, cfg.nodes) + 1),
+    )
+    scaling = placement_scaling(
+        nodes=cfg.scaling_nodes, slots=SCALING_SLOTS, experts=SCALING_EXPERTS
+    )
+    out = results_dir()
+    plots = (
+        plot_recovery(recovery, out / "lazarus_recovery.png"),
+        plot_placement_comparison(placement, out / "lazarus_placement.png"),
+    )
+    path = write_json(
+        "lazarus_bench", {"recovery": recovery, "placement": placement, "scaling": scaling}
+    )
+    return LazarusBenchResult(cfg, recovery, placement, scaling, path, plots)
+
+
+def measured_costs(path: str | Path) -> dict[str, float]:
+    """The simulator's costs from a ``thrifty lazarus bench`` result (medians, seconds).
+
+    Keys are :class:`~thrifty.lazarus.simulate.SimConfig` fields. Raises
+    ValueError naming the file when it is not such a result.
+    """
+    try:
+        median = json.loads(Path(path).read_text())["recovery"]["median"]
+        lazarus, torchrun = median["lazarus"], median["torchrun"]
+        return {
+            "step_s": lazarus["step_s"],
+            "reconfig_s": lazarus["total_s"],
+            # The simulator rolls back to the checkpoint itself: the redo is not a fixed cost.
+            "restart_s": torchrun["total_s"] - torchrun["redo_s"],
+            "checkpoint_s": lazarus["checkpoint_s"],
+        }
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path}: not a `thrifty lazarus bench` result ({exc})") from exc
+
+
+if __name__ == "__main__":
+    # Interpreter start-up and every import are behind us: a restarted attempt counts the
+    # time up to here as relaunch, what follows (new group, checkpoint load) as init + load.
+    cluster_worker_main(functools.partial(_torchrun_rank, started=time.time()))

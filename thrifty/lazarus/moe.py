@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from thrifty.data.sharegpt import sharegpt_token_ids
+
 __all__ = [
     "EXPERT_KEYS",
     "CompactVocab",
@@ -82,8 +84,6 @@ class CompactVocab:
 
 def sharegpt_corpus(tokens: int = 60_000, vocab: int = 2048) -> torch.Tensor:
     """ShareGPT as a 1-D int64 tensor of compact-vocabulary ids."""
-    from thrifty.data.sharegpt import sharegpt_token_ids
-
     ids = sharegpt_token_ids(tokens)
     return CompactVocab(ids, vocab).encode(ids)
 

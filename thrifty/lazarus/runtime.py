@@ -71,11 +71,10 @@ from thrifty.lazarus.moe import (
     MoEGPT,
     expert_forward,
     init_expert,
-    sharegpt_corpus,
 )
 from thrifty.lazarus.placement_search import place_experts
 
-__all__ = ["LazarusConfig", "moe_dispatch", "run_job", "summarize", "train", "train_rank"]
+__all__ = ["LazarusConfig", "moe_dispatch", "summarize", "train_rank"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +156,12 @@ class LazarusConfig:
             raise ValueError(f"on_failure={self.on_failure!r}: expected 'recover' or 'abort'")
         if self.resume and not self.checkpoint_dir:
             raise ValueError("resume=True needs checkpoint_dir (where the checkpoints are)")
+        if self.experts > self.workers * self.slots:
+            raise ValueError(
+                f"experts={self.experts}: more than workers={self.workers} x "
+                f"slots={self.slots} slots can hold, so some expert would have no replica"
+            )
+        _ = self.model  # MoEConfig checks top_k against experts, d_model against heads
 
     @property
     def model(self) -> MoEConfig:
@@ -284,15 +289,18 @@ class _State:
         params = self.experts[(layer, e)]
         parts = [params[k].detach().reshape(-1) for k in EXPERT_KEYS]
         for moments in (self.m, self.v):
-            parts += [moments.get(n, torch.zeros_like(params[k])).reshape(-1) for n, k in
-                      zip(names, EXPERT_KEYS, strict=True)]  # fmt: skip
+            parts += [
+                moments.get(n, torch.zeros_like(params[k])).reshape(-1)
+                for n, k in zip(names, EXPERT_KEYS, strict=True)
+            ]
         return torch.cat(parts)
 
     def set_expert_vector(self, cfg: MoEConfig, layer: int, e: int, vec: torch.Tensor) -> None:
         template = init_expert(cfg, layer, e)
         pieces = iter(vec.split([template[k].numel() for k in EXPERT_KEYS] * 3))
-        params = {k: next(pieces).reshape(template[k].shape).clone().requires_grad_() for k in
-                  EXPERT_KEYS}  # fmt: skip
+        params = {
+            k: next(pieces).reshape(template[k].shape).clone().requires_grad_() for k in EXPERT_KEYS
+        }
         self.experts[(layer, e)] = params
         for moments in (self.m, self.v):
             for k in EXPERT_KEYS:
@@ -382,8 +390,9 @@ def _plan(
         free_rows = set(range(nodes))
         pairs = sorted(
             (-len(set(rows[i]) & held.get(m, [set()] * cfg.layers)[layer]), i, m)
-             for i in range(nodes) for m in members
-        )  # fmt: skip
+            for i in range(nodes)
+            for m in members
+        )
         for _, i, m in pairs:
             if i in free_rows and m not in assign:
                 assign[m] = rows[i]
@@ -437,9 +446,11 @@ def _load_checkpoint(
     for step_dir in sorted(directory.glob("step*"), reverse=True):
         files = [torch.load(f) for f in sorted(step_dir.glob("rank*.pt"))]
         have = {
-            (int(n.split(".")[1]), int(n.split(".")[2])) for f in files for n in f["p"] if
-            n.startswith("x.")
-        }  # fmt: skip
+            (int(n.split(".")[1]), int(n.split(".")[2]))
+            for f in files
+            for n in f["p"]
+            if n.startswith("x.")
+        }
         if not files or not need <= have:
             continue
         merged: dict[str, dict[str, torch.Tensor]] = {"p": {}, "m": {}, "v": {}}
@@ -528,15 +539,12 @@ def _step(
     dense = [p for _, p in state.model.named_parameters()]
     table = torch.zeros(cfg.layers, cfg.experts, mcfg.expert_numel)
     for (layer, e), params in state.experts.items():
-        table[layer, e] = torch.cat(
-            [(params[k].grad if params[k].grad is not None else torch.zeros_like(params[k]))
-             .reshape(-1) for k in EXPERT_KEYS]
-        )  # fmt: skip
+        table[layer, e] = torch.cat([_grad(params[k]).reshape(-1) for k in EXPERT_KEYS])
     # Rank 0's count of join requests rides along, so every member sees the same number.
     joins = float(store.add("joins", 0)) if rank == 0 else 0.0
     flat = torch.cat(
         [loss.detach().reshape(1), torch.tensor([joins])]
-        + [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in dense]
+        + [_grad(p).reshape(-1) for p in dense]
         + [table.reshape(-1)]
     )
     dist.all_reduce(flat)
@@ -554,6 +562,11 @@ def _step(
             grads[f"x.{layer}.{e}.{k}"] = g.reshape(params[k].shape)
     run.loads += seen
     return float(flat[0]), grads, seen_joins
+
+
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    """``p``'s gradient, zeros where backward never reached it (an expert no token chose)."""
+    return p.grad if p.grad is not None else torch.zeros_like(p)
 
 
 def _clear_grads(state: _State) -> None:
@@ -603,9 +616,10 @@ def _sync_dense(state: _State, run: _Run) -> None:
     """
     named = list(state.model.named_parameters())
     moments = [
-        (s.get(f"d.{n}", torch.zeros_like(p))).reshape(-1) for s in (state.m, state.v)
+        (s.get(f"d.{n}", torch.zeros_like(p))).reshape(-1)
+        for s in (state.m, state.v)
         for n, p in named
-    ]  # fmt: skip
+    ]
     flat = torch.cat(
         [torch.tensor([run.step, state.t], dtype=torch.float64), run.loads.double().reshape(-1)]
         + [p.detach().double().reshape(-1) for _, p in named]
@@ -660,13 +674,22 @@ def _rebalance(cfg: LazarusConfig, state: _State, store: dist.Store, run: _Run) 
     dist.barrier()
     run.rows, run.mark = plan["rows"], run.loads.clone()
     return {
-        "kind": "rebalance", "id": key, "step": run.step,
-        "members_before": run.members, "members_after": run.members,
-        "at": at, "regrouped_wall": at, "resumed_wall": time.time(),
-        "replicas_moved": moved, "bytes_moved": nbytes, "replicas": plan["replicas"],
-        "loads": plan["loads"], "checkpoint_reload": False, "lost_experts": [],
+        "kind": "rebalance",
+        "id": key,
+        "step": run.step,
+        "members_before": run.members,
+        "members_after": run.members,
+        "at": at,
+        "regrouped_wall": at,
+        "resumed_wall": time.time(),
+        "replicas_moved": moved,
+        "bytes_moved": nbytes,
+        "replicas": plan["replicas"],
+        "loads": plan["loads"],
+        "checkpoint_reload": False,
+        "lost_experts": [],
         "min_replicas_relaxed": plan["relaxed"],
-    }  # fmt: skip
+    }
 
 
 def _grow(
@@ -731,20 +754,30 @@ def _enter(
     run.members, run.gen, run.rows, run.admitted = members, gen, plan["rows"], plan["admitted"]
     run.mark = run.loads.clone()
     return {
-        "kind": "join", "id": f"g{gen}", "step": run.step,
-        "members_before": plan["members_before"], "members_after": members,
-        "at": at, "regrouped_wall": regrouped, "resumed_wall": time.time(),
-        "replicas_moved": moved, "bytes_moved": nbytes, "replicas": plan["replicas"],
-        "loads": plan["loads"], "checkpoint_reload": False, "lost_experts": [],
+        "kind": "join",
+        "id": f"g{gen}",
+        "step": run.step,
+        "members_before": plan["members_before"],
+        "members_after": members,
+        "at": at,
+        "regrouped_wall": regrouped,
+        "resumed_wall": time.time(),
+        "replicas_moved": moved,
+        "bytes_moved": nbytes,
+        "replicas": plan["replicas"],
+        "loads": plan["loads"],
+        "checkpoint_reload": False,
+        "lost_experts": [],
         "min_replicas_relaxed": plan["relaxed"],
-    }  # fmt: skip
+    }
 
 
 def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") -> dict[str, Any]:
     """One rank of a Lazarus run, inside an initialised default process group.
 
-    Called by :func:`thrifty.bench.launch.run_ranks` or under ``torchrun``
-    (:mod:`thrifty.lazarus.worker`). Ranks ``0..workers-1`` start the run;
+    The launcher owns the group: :func:`thrifty.lazarus.benchmark.train` starts
+    local ranks, ``thrifty.lazarus.benchmark``'s torchrun entry point runs one
+    under ``torchrun``. Ranks ``0..workers-1`` start the run;
     ranks from ``workers`` on are joiners that enter at a step boundary once
     the run reaches ``join_at_step``. ``namespace`` prefixes every store key
     (torchrun keeps its store across restarts).
@@ -808,9 +841,12 @@ def train_rank(corpus: torch.Tensor, cfg: LazarusConfig, namespace: str = "") ->
                         dist.destroy_process_group()
                     store.set("done", "1")  # joiners still waiting give up
                     return {
-                        "rank": me, "aborted_at_step": run.step, "caught": caught,
-                        "killed": max(killed) if killed else None, "step_walls": step_walls,
-                    }  # fmt: skip
+                        "rank": me,
+                        "aborted_at_step": run.step,
+                        "caught": caught,
+                        "killed": max(killed) if killed else None,
+                        "step_walls": step_walls,
+                    }
                 outcome = _recover(cfg, state, store, run, snap, prev_snap, ckpt_dir)
                 if outcome is None:
                     return {"rank": me, "evicted": True}
@@ -925,37 +961,6 @@ def _recover(
     run.members, run.gen, run.rows, run.step = survivors, gen, plan["rows"], target
     run.mark = run.loads.clone()
     return {"report": report, "pre_failure": pre_failure}
-
-
-def run_job(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> list[Any]:
-    """Run ``cfg.workers + cfg.joiners`` local gloo ranks; their raw results (None if killed)."""
-    from thrifty.bench.launch import run_ranks
-
-    if corpus is None:
-        corpus = sharegpt_corpus(cfg.corpus_tokens, cfg.vocab)
-    with contextlib.ExitStack() as stack:
-        if not cfg.checkpoint_dir:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="lazarus-ckpt-"))
-            cfg = _replace(cfg, checkpoint_dir=tmp)
-        return run_ranks(
-            train_rank,
-            cfg.workers + cfg.joiners,
-            corpus,
-            cfg,
-            may_die=cfg.kill_ranks,
-            timeout=max(120.0, cfg.steps * 3.0),
-        )
-
-
-def train(cfg: LazarusConfig, corpus: torch.Tensor | None = None) -> dict[str, Any]:
-    """Run Lazarus on local gloo ranks and return the JSON report (see :func:`summarize`)."""
-    started = time.perf_counter()
-    results = run_job(cfg, corpus)
-    return summarize(cfg, results, time.perf_counter() - started)
-
-
-def _replace(cfg: LazarusConfig, **changes: Any) -> LazarusConfig:
-    return LazarusConfig(**{**asdict(cfg), **changes})
 
 
 _STAMPS = ("at", "regrouped_wall", "resumed_wall", "killed_wall")

@@ -216,8 +216,11 @@ def _uniform_placement(experts: int, slots: int, min_replicas: int, nodes: int) 
 
 def _ds_nodes(alive: int, cfg: SimConfig) -> int:
     """Largest ``n <= alive`` with an EP size dividing ``experts`` and ``n``, within the slots."""
-    sizes = [ep for ep in range(1, cfg.experts + 1)
-             if cfg.experts % ep == 0 and cfg.experts // ep <= cfg.slots]  # fmt: skip
+    sizes = [
+        ep
+        for ep in range(1, cfg.experts + 1)
+        if cfg.experts % ep == 0 and cfg.experts // ep <= cfg.slots
+    ]
     for n in range(alive, 0, -1):
         if any(n % ep == 0 for ep in sizes):
             return n
@@ -390,10 +393,10 @@ def simulate_all(
 
 
 def _plot(out: dict[str, Any], path: str) -> None:
-    import matplotlib
+    import matplotlib  # optional: [bench] matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # optional: [bench] matplotlib
 
     names = list(out["traces"])
     fig, axes = plt.subplots(1, len(names), figsize=(6 * len(names), 4))

@@ -8,13 +8,21 @@ free (Marconi: recency + alpha x FLOP efficiency; SGLang+/vLLM+: LRU leaves).
 States are objects that know their size, so the simulator (sizes only) and an
 engine (real tensors) share the same tree and policies.
 
+Exported here: the cache (:func:`build_cache`, :class:`PrefixCache` and what a
+request returns), the model it sizes states with (:class:`ModelSpec`), traces
+(:func:`load_trace` and the formats), and the simulator (:func:`simulate`,
+:func:`sweep`, :class:`SimResult`, :class:`TTFTModel`).
+
 Modules: ``states`` (state protocols), ``model`` (FLOP/byte model from HF
 configs), ``tree`` (radix tree), ``policies`` (admission, eviction),
 ``cache`` (PrefixCache), ``tuner`` (online alpha), ``traces``/``sharegpt``
 (trace formats), ``simulate`` (replay and sweeps), ``engine`` (a real serving
 loop over a transformers hybrid: tensor states, restore, prefill, decode;
-imports torch, so it is not imported here) and ``benchmark`` (the sweep and
-the engine's TTFT measurement, as ``thrifty marconi simulate|serve-trace``).
+needs the optional ``transformers``, so it is not imported here) and
+``benchmark`` (the sweep and the engine's TTFT measurement, as ``thrifty
+marconi simulate|serve-trace``; the only module that imports the benchmark
+harness). Marconi imports no training substrate (``thrifty.comm``,
+``thrifty.sync``, ``thrifty.compressors``).
 """
 
 from __future__ import annotations
@@ -27,86 +35,36 @@ from thrifty.marconi.cache import (
     RequestOutcome,
     build_cache,
 )
-from thrifty.marconi.model import (
-    LayerCost,
-    ModelSpec,
-    attention_kv_shape,
-    kv_bytes_per_token,
-    paper_hybrid_7b,
-    ssm_state_bytes,
-    ssm_state_shapes,
-)
-from thrifty.marconi.policies import (
-    BlockAdmission,
-    LRUEviction,
-    MarconiAdmission,
-    UtilityEviction,
-)
-from thrifty.marconi.sharegpt import ShareGPTReader, cl100k_tokenizer, sharegpt_trace
-from thrifty.marconi.simulate import GB, SimResult, TTFTModel, hit_rate_table, simulate, sweep
-from thrifty.marconi.states import (
-    Checkpoint,
-    KVSegment,
-    SizedCheckpoint,
-    SizedKV,
-    SizedSource,
-    StateSource,
-)
+from thrifty.marconi.model import ModelSpec, paper_hybrid_7b
+from thrifty.marconi.sharegpt import load_trace, sharegpt_trace
+from thrifty.marconi.simulate import SimResult, TTFTModel, simulate, sweep
 from thrifty.marconi.traces import (
     Request,
     Trace,
     TraceFormatError,
-    build_sessions,
     read_jsonl,
     synthetic_trace,
     write_jsonl,
 )
-from thrifty.marconi.tree import InsertResult, MatchResult, RadixTree, TreeNode
-from thrifty.marconi.tuner import PaperAlphaTuner, WindowAlphaTuner
 
 __all__ = [
-    "GB",
     "POLICIES",
     "AdmitResult",
-    "BlockAdmission",
     "CacheStats",
-    "Checkpoint",
-    "InsertResult",
-    "KVSegment",
-    "LRUEviction",
-    "LayerCost",
-    "MarconiAdmission",
-    "MatchResult",
     "ModelSpec",
-    "PaperAlphaTuner",
     "PrefixCache",
-    "RadixTree",
     "Request",
     "RequestOutcome",
-    "ShareGPTReader",
     "SimResult",
-    "SizedCheckpoint",
-    "SizedKV",
-    "SizedSource",
-    "StateSource",
     "TTFTModel",
     "Trace",
     "TraceFormatError",
-    "TreeNode",
-    "UtilityEviction",
-    "WindowAlphaTuner",
-    "attention_kv_shape",
     "build_cache",
-    "build_sessions",
-    "cl100k_tokenizer",
-    "hit_rate_table",
-    "kv_bytes_per_token",
+    "load_trace",
     "paper_hybrid_7b",
     "read_jsonl",
     "sharegpt_trace",
     "simulate",
-    "ssm_state_bytes",
-    "ssm_state_shapes",
     "sweep",
     "synthetic_trace",
     "write_jsonl",

@@ -16,18 +16,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import random
+import resource
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 from thrifty.bench.results import results_dir, write_json
 from thrifty.marconi.cache import POLICIES, build_cache
+from thrifty.marconi.engine import HybridEngine, build_model, hybrid_config
 from thrifty.marconi.model import ModelSpec, paper_hybrid_7b
 from thrifty.marconi.simulate import GB, TTFTModel, hit_rate_table, sweep
 from thrifty.marconi.traces import Trace
@@ -35,6 +40,8 @@ from thrifty.marconi.tuner import make_tuner
 
 __all__ = [
     "DEFAULT_ENGINE_MODEL",
+    "check_fits_vocabulary",
+    "engine_demo",
     "engine_spec",
     "load_ttft_model",
     "plot_serve",
@@ -99,8 +106,6 @@ def load_ttft_model(spec: str) -> tuple[TTFTModel, str]:
     path = results_dir() / "marconi_serve.json" if spec in ("engine", "auto") else Path(spec)
     if spec == "auto" and not path.exists():
         return load_ttft_model("paper")
-    import json
-
     try:
         fit = json.loads(path.read_text())["ttft_fit"]
         model = TTFTModel(fit["intercept_ms"], fit["per_token_ms"])
@@ -171,8 +176,6 @@ def run_sweep(
 
 def _cpu_seconds() -> float:
     """CPU seconds used by this process and its finished children (the sweep's workers)."""
-    import resource
-
     usage = [resource.getrusage(who) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
     return sum(u.ru_utime + u.ru_stime for u in usage)
 
@@ -197,10 +200,10 @@ def _p95_gains(results: Sequence[Any]) -> list[dict[str, float]]:
 
 def plot_sweep(payload: dict[str, Any], path: Path) -> Path:
     """Hit rate (left) and FLOPs saved (right) vs cache size, one line per policy."""
-    import matplotlib
+    import matplotlib  # optional: [bench]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+    import matplotlib.pyplot as plt  # optional: [bench]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     styles = {"vllm+": ("C0", "s"), "sglang+": ("C2", "^"), "marconi": ("C1", "o")}
@@ -211,10 +214,9 @@ def plot_sweep(payload: dict[str, Any], path: Path) -> Path:
         )
         color, marker = styles.get(policy, ("C3", "x"))
         xs = [r["capacity_gb"] for r in rows]
-        left.plot(xs, [100 * r["token_hit_rate"] for r in rows], marker=marker, color=color,
-                  label=policy)  # fmt: skip
-        right.plot(xs, [100 * r["flops_saved_fraction"] for r in rows], marker=marker,
-                   color=color, label=policy)  # fmt: skip
+        style = {"marker": marker, "color": color, "label": policy}
+        left.plot(xs, [100 * r["token_hit_rate"] for r in rows], **style)
+        right.plot(xs, [100 * r["flops_saved_fraction"] for r in rows], **style)
     trace = payload["trace"]
     title = f"{trace['name']}: {trace['sessions']} sessions, {trace['requests']} requests"
     left.set(xlabel="cache size (GB)", ylabel="token hit rate (%)", title=title)
@@ -235,12 +237,21 @@ def plot_sweep(payload: dict[str, Any], path: Path) -> Path:
 
 
 def engine_spec(model_options: dict[str, Any] | None = None) -> ModelSpec:
-    """The byte/FLOP model of the engine benchmark's model (no weights built)."""
-    from thrifty.marconi.engine import hybrid_config
+    """The byte/FLOP model of the engine benchmark's model (no weights built).
 
+    Raises:
+        ValueError: an unknown architecture or a size it cannot take.
+    """
     options = dict(DEFAULT_ENGINE_MODEL, **(model_options or {}))
     arch = options.pop("arch")
     return ModelSpec.from_hf_config(hybrid_config(arch, **options), dtype="float32")
+
+
+def check_fits_vocabulary(trace: Trace, vocab_size: int) -> None:
+    """Raise ValueError when a token id of ``trace`` is not below ``vocab_size``."""
+    top = max(max(r.input_tokens + r.output_tokens, default=0) for r in trace.requests)
+    if top >= vocab_size:
+        raise ValueError(f"token id {top} does not fit the vocabulary of {vocab_size}")
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -274,15 +285,12 @@ def run_serve_trace(
         name: results file stem.
         on_request: called with (done, total) after each request (progress).
     """
-    import torch
+    import transformers  # optional: [marconi]
 
-    from thrifty.marconi.engine import HybridEngine, build_model
-
+    transformers.logging.set_verbosity_error()  # the reference-kernel fallback notices
     options = dict(DEFAULT_ENGINE_MODEL, **(model_options or {}))
     arch = options.pop("arch")
-    top = max(max(r.input_tokens + r.output_tokens) for r in trace.requests)
-    if top >= options["vocab_size"]:
-        raise ValueError(f"token id {top} does not fit the vocabulary of {options['vocab_size']}")
+    check_fits_vocabulary(trace, options["vocab_size"])
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -426,32 +434,38 @@ def _serve_goals(rows: list[dict[str, Any]], capacities_mb: Sequence[float]) -> 
 
 def plot_serve(payload: dict[str, Any], path: Path) -> Path:
     """Mean and P95 TTFT per engine (left); TTFT vs tokens prefilled with the fit (right)."""
-    import matplotlib
+    import matplotlib  # optional: [bench]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+    import matplotlib.pyplot as plt  # optional: [bench]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = payload["rows"]
     colors = {"none": "0.5", "vllm+": "C0", "sglang+": "C2", "marconi": "C1"}
     xs = np.arange(len(rows))
-    left.bar(xs - 0.2, [r["ttft_mean_ms"] for r in rows], 0.4, label="mean",
-             color=[colors.get(r["policy"], "C3") for r in rows])  # fmt: skip
-    left.bar(xs + 0.2, [r["ttft_p95_ms"] for r in rows], 0.4, label="P95", alpha=0.45,
-             color=[colors.get(r["policy"], "C3") for r in rows])  # fmt: skip
+    bar_colors = [colors.get(r["policy"], "C3") for r in rows]
+    left.bar(xs - 0.2, [r["ttft_mean_ms"] for r in rows], 0.4, label="mean", color=bar_colors)
+    p95 = [r["ttft_p95_ms"] for r in rows]
+    left.bar(xs + 0.2, p95, 0.4, label="P95", alpha=0.45, color=bar_colors)
     left.set_xticks(list(xs), [r["engine"] for r in rows], rotation=30, ha="right", fontsize=8)
     left.set(ylabel="TTFT (ms)", title="measured TTFT (solid: mean, light: P95)")
     for label, recs in payload["records"].items():
         policy = label.split("@")[0]
-        right.scatter([r["prefill_tokens"] for r in recs], [r["ttft_ms"] for r in recs], s=8,
-                      color=colors.get(policy, "C3"), alpha=0.5, label=label)  # fmt: skip
+        right.scatter(
+            [r["prefill_tokens"] for r in recs],
+            [r["ttft_ms"] for r in recs],
+            s=8,
+            color=colors.get(policy, "C3"),
+            alpha=0.5,
+            label=label,
+        )
     fit = payload["ttft_fit"]
     top = max(r["prefill_tokens"] for recs in payload["records"].values() for r in recs)
     label = f"fit {fit['intercept_ms']:.1f} ms + {fit['per_token_ms']:.3f} ms/tok"
     line = [fit["intercept_ms"], fit["intercept_ms"] + fit["per_token_ms"] * top]
     right.plot([0, top], line, "k--", label=label)
-    right.set(xlabel="tokens prefilled", ylabel="TTFT (ms)",
-              title=f"{payload['model']['arch']}, {payload['threads']} CPU thread(s)")  # fmt: skip
+    title = f"{payload['model']['arch']}, {payload['threads']} CPU thread(s)"
+    right.set(xlabel="tokens prefilled", ylabel="TTFT (ms)", title=title)
     right.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -478,8 +492,6 @@ def engine_demo(
     Marconi-cached engine and by an uncached one; the greedy outputs must
     match token for token.
     """
-    import torch
-
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: more threads only add overhead
     try:
@@ -491,10 +503,6 @@ def engine_demo(
 def _engine_demo(
     arch: str, sessions: int, system_tokens: int, user_tokens: int, new_tokens: int, seed: int
 ) -> dict[str, Any]:
-    import random
-
-    from thrifty.marconi.engine import HybridEngine, build_model
-
     rng = random.Random(seed)
     vocab = 256
     model = build_model(arch, vocab_size=vocab, hidden_size=64, num_layers=4, seed=seed)

@@ -119,7 +119,7 @@ def hybrid_config(
             one token whatever the input, which would make output checks
             vacuous; 0.1 and untied embeddings give input-dependent outputs.
     """
-    import transformers as tf
+    import transformers  # optional: [marconi]
 
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {ARCHITECTURES}")
@@ -156,14 +156,14 @@ def hybrid_config(
         "mamba_chunk_size": chunk_size,
     }
     if arch == "bamba":
-        return tf.BambaConfig(
+        return transformers.BambaConfig(
             **common,
             **mamba2,
             num_key_value_heads=kv_heads,
             attn_layer_indices=[i for i, a in enumerate(attn) if a],
         )
     if arch == "granitemoehybrid":
-        return tf.GraniteMoeHybridConfig(
+        return transformers.GraniteMoeHybridConfig(
             **common,
             **mamba2,
             num_key_value_heads=kv_heads,
@@ -173,14 +173,14 @@ def hybrid_config(
             shared_intermediate_size=hidden_size,
         )
     if arch == "falcon_h1":
-        return tf.FalconH1Config(
+        return transformers.FalconH1Config(
             **common,
             **mamba2,
             mamba_d_ssm=2 * hidden_size,
             num_key_value_heads=kv_heads,
         )
     if arch == "jamba":
-        return tf.JambaConfig(
+        return transformers.JambaConfig(
             **common,
             num_key_value_heads=kv_heads,
             attn_layer_period=attention_period,
@@ -194,7 +194,7 @@ def hybrid_config(
             mamba_dt_rank=max(hidden_size // 16, 1),
         )
     if arch == "zamba2":
-        return tf.Zamba2Config(
+        return transformers.Zamba2Config(
             **common,
             num_key_value_heads=num_heads,
             layers_block_type=["hybrid" if a else "linear_attention" for a in attn],
@@ -214,7 +214,7 @@ def hybrid_config(
             else:
                 kinds.append("linear_attention" if ssm_turn else "mlp")
                 ssm_turn = not ssm_turn
-        return tf.NemotronHConfig(
+        return transformers.NemotronHConfig(
             **common,
             layers_block_type=kinds,
             num_key_value_heads=kv_heads,
@@ -227,7 +227,7 @@ def hybrid_config(
             chunk_size=chunk_size,
         )
     # qwen3_next: gated DeltaNet layers; MoE MLPs with a shared expert.
-    return tf.Qwen3NextConfig(
+    return transformers.Qwen3NextConfig(
         **common,
         layer_types=["full_attention" if a else "linear_attention" for a in attn],
         num_key_value_heads=kv_heads,
@@ -251,7 +251,7 @@ def build_model(
 
     ``config`` goes to :func:`hybrid_config`; ``seed`` fixes the weights.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # optional: [marconi]
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hybrid_config(arch, **config))
@@ -418,8 +418,11 @@ class HybridEngine:
     """
 
     def __init__(self, model: Any, cache: PrefixCache | None = None) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
+        from transformers import DynamicCache  # optional: [marconi]
+        from transformers.cache_utils import (  # optional: [marconi]
+            DynamicLayer,
+            LinearAttentionCacheLayerMixin,
+        )
 
         self.model = model
         self.cache = cache

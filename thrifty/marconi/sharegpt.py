@@ -1,7 +1,9 @@
-"""The paper's ShareGPT request trace: multi-turn sessions in cl100k tokens.
+"""The paper's ShareGPT request trace (multi-turn sessions in cl100k tokens), and trace loading.
 
 Conversations come from :mod:`thrifty.data.sharegpt` (which reads the cut-short
 packaged JSON and holds the tokenizer); this module turns them into sessions.
+:func:`load_trace` is what the ``thrifty marconi`` commands replay: a JSONL
+file, the ShareGPT trace or the synthetic one.
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ import os
 import time
 from pathlib import Path
 
-from thrifty.data.sharegpt import ShareGPTReader, cl100k_tokenizer, sharegpt_path
-from thrifty.marconi.traces import Trace, build_sessions, read_jsonl, write_jsonl
+from thrifty.data.sharegpt import ShareGPTReader, cl100k_tokenizer
+from thrifty.marconi.traces import Trace, build_sessions, read_jsonl, synthetic_trace, write_jsonl
 
-__all__ = ["ShareGPTReader", "cl100k_tokenizer", "sharegpt_path", "sharegpt_trace"]
+__all__ = ["TRACE_SOURCES", "load_trace", "sharegpt_trace"]
+
+TRACE_SOURCES = ("sharegpt", "synthetic")
+MESSAGE_FORMATS = ("json", "text")
 
 log = logging.getLogger(__name__)
 
@@ -96,3 +101,47 @@ def sharegpt_trace(
         except OSError as e:
             log.warning("could not cache the trace at %s: %s", cached, e)
     return trace
+
+
+def load_trace(
+    path: str | Path | None = None,
+    source: str = "sharegpt",
+    *,
+    sessions: int = 100,
+    min_turns: int = 10,
+    skip_sessions: int = 0,
+    sessions_per_second: float = 1.0,
+    max_input_tokens: int = 32_768,
+    message_format: str = "json",
+    seed: int = 0,
+) -> Trace:
+    """The JSONL trace at ``path``, else ``source``: the ShareGPT trace or the synthetic one.
+
+    ShareGPT takes every setting (see :func:`sharegpt_trace`); the synthetic
+    trace takes ``sessions``, ``sessions_per_second`` and ``seed``.
+
+    Raises:
+        OSError, TraceFormatError: ``path`` cannot be read as a trace.
+        ValueError: an unknown ``source`` or ``message_format``, a setting out
+            of range, or no ShareGPT session in the slice has ``min_turns`` turns.
+    """
+    if path:
+        return read_jsonl(path)
+    if source not in TRACE_SOURCES:
+        raise ValueError(f"unknown trace source {source!r}; expected one of {TRACE_SOURCES}")
+    if sessions < 1:
+        raise ValueError(f"sessions must be >= 1, got {sessions}")
+    if source == "synthetic":
+        return synthetic_trace(
+            num_sessions=sessions, sessions_per_second=sessions_per_second, seed=seed
+        )
+    if message_format not in MESSAGE_FORMATS:
+        raise ValueError(f"message_format must be one of {MESSAGE_FORMATS}, got {message_format!r}")
+    return sharegpt_trace(
+        num_sessions=sessions,
+        min_turns=min_turns,
+        skip_sessions=skip_sessions,
+        sessions_per_second=sessions_per_second,
+        max_input_tokens=max_input_tokens,
+        message_format=message_format,
+    )

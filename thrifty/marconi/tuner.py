@@ -34,12 +34,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from thrifty.marconi.cache import PrefixCache, RequestOutcome
+# cache.py names AlphaTuner for type checkers only, so this import is not circular.
+from thrifty.marconi.cache import PrefixCache, RequestOutcome
 
 __all__ = [
+    "TUNERS",
     "AlphaTuner",
     "PaperAlphaTuner",
     "WindowAlphaTuner",
@@ -50,6 +51,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+TUNERS = ("window", "paper", "none")
+"""What :func:`make_tuner` accepts (``"none"``: a fixed alpha)."""
 PAPER_GRID = tuple(round(0.1 * i, 1) for i in range(21))
 OBJECTIVES = ("hit_tokens", "flops_saved")
 
@@ -254,8 +257,6 @@ def choose_alpha(
 
 
 def _empty_like(cache: PrefixCache) -> PrefixCache:
-    from thrifty.marconi.cache import PrefixCache
-
     return PrefixCache(
         cache.capacity_bytes,
         cache.spec,
@@ -273,4 +274,4 @@ def make_tuner(name: str | None, **kwargs: Any) -> AlphaTuner | None:
         return WindowAlphaTuner(**kwargs)
     if name == "paper":
         return PaperAlphaTuner(**kwargs)
-    raise ValueError(f"unknown tuner {name!r}; expected 'window', 'paper' or 'none'")
+    raise ValueError(f"unknown tuner {name!r}; expected one of {TUNERS}")

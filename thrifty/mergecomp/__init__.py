@@ -15,7 +15,7 @@ from thrifty.mergecomp.search import (
     partition_time,
 )
 from thrifty.mergecomp.search import schedule_plan as schedule
-from thrifty.sync.engine import register_planner
+from thrifty.sync import register_planner
 
 __all__ = [
     "MergeComp",

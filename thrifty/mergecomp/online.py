@@ -36,10 +36,10 @@ import torch
 import torch.distributed as dist
 
 from thrifty.comm import NetworkModel
-from thrifty.comm.network import Measurement
+from thrifty.comm.calibration import fit_network
 from thrifty.mergecomp.search import candidate_partitions, plan_for
 from thrifty.sync import GradientSync, Plan, Strategy
-from thrifty.sync.profile import Profile, TensorProfile, measure_compression
+from thrifty.sync.profile import Profile, profile_from_ready_times, ready_order
 from thrifty.sync.timeline import payload_bytes
 
 __all__ = ["MergeComp", "MergeCompTuner", "Trial"]
@@ -152,10 +152,9 @@ class MergeCompTuner:
         return 0 if group is None else dist.get_global_rank(group, 0)
 
     def _start_search(self) -> None:
-        # Backward order as observed (ready time), names the plan uses.
-        order = sorted(self._ready, key=lambda n: statistics.median(self._ready[n]))
-        missing = [n for n in self.sync.backward_order if n not in self._ready]
-        self._names = order + missing  # unused parameters go last
+        # Backward order as observed (ready time), names the plan uses; the
+        # profile's tensors come in the same order.
+        self._names = ready_order(self._ready, self.sync.backward_order)
         if self.config.mode == "online":
             self._online = _binary_search(len(self._names), self.config.max_trials)
             self._queue.append(Trial(next(self._online), None))
@@ -172,22 +171,12 @@ class MergeCompTuner:
         self._queue = [Trial(tuple(lengths), predicted) for lengths, predicted in payload[0]]
 
     def _profile(self) -> Profile:
-        params = dict(self.sync.model.named_parameters())
-        tensors = [
-            TensorProfile(
-                n, params[n].numel(), "float32", statistics.median(self._ready.get(n, [0.0]))
-            )
-            for n in self._names
-        ]
-        backward = max((t.ready for t in tensors), default=0.0)
-        total = sum(t.numel for t in tensors)
-        cost = measure_compression(self.strategy, max_numel=total)
-        costs = {self.strategy.cost_key(): cost}
-        return Profile(tensors, 0.0, backward, 0.0, self.sync.world_size, costs)
+        named = dict(self.sync.model.named_parameters())
+        params = {name: named[name] for name in self._names}
+        return profile_from_ready_times(params, self._ready, [self.strategy], self.sync.world_size)
 
     def _fit_network(self) -> NetworkModel:
-        from thrifty.bench.collectives import time_collectives
-
+        """Time only the collective this strategy uses, up to the whole model's payload."""
         strategy, n = self.strategy, self.sync.world_size
         total = sum(p.numel() for p in self.sync.model.parameters() if p.requires_grad)
         if strategy.compressor is None or strategy.collective == "all_reduce":
@@ -197,9 +186,7 @@ class MergeCompTuner:
         else:
             primitive, biggest = "all_to_all", payload_bytes(strategy, total)
         sizes = sorted({4096, 65536, 1 << 20, max(biggest, 4 << 20)})
-        rows = time_collectives([primitive], sizes, budget_s=0.0, label="", progress=False)
-        measurements = [Measurement(primitive, n, r["nbytes"], r["seconds"]) for r in rows]
-        return NetworkModel.fit("in-place", measurements)
+        return fit_network("in-place", [primitive], sizes, group=self.sync.group)
 
     def _ranked(self) -> list[tuple[tuple[int, ...], float]]:
         """Partitions by mean measured time over all their trials, fastest first."""

@@ -3,12 +3,29 @@
 A :class:`Plan` says how each group of gradients is compressed and which collective
 carries it; :class:`GradientSync` runs a plan during ``backward()``. Planners
 (MergeComp, ByteComp) and sparse schemes (Zen) live in the systems above and reach
-the engine as objects or through the registries they fill.
+the engine as objects, or by name through the registries those systems fill when
+imported (:func:`register_planner`, :func:`register_sparse_scheme`); the engine
+never imports a system.
 """
 
 from __future__ import annotations
 
-from thrifty.sync.engine import GradientSync, register_planner
+from thrifty.sync.engine import (
+    GradientSync,
+    Planner,
+    SparseSync,
+    register_planner,
+    register_sparse_scheme,
+)
 from thrifty.sync.plan import Group, Plan, Strategy
 
-__all__ = ["GradientSync", "Group", "Plan", "Strategy", "register_planner"]
+__all__ = [
+    "GradientSync",
+    "Group",
+    "Plan",
+    "Planner",
+    "SparseSync",
+    "Strategy",
+    "register_planner",
+    "register_sparse_scheme",
+]

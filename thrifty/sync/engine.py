@@ -40,12 +40,14 @@ work happens, as :mod:`thrifty.sync.timeline` models it:
 
 Sparse gradients (``nn.Embedding(sparse=True)``, ``nn.EmbeddingBag(sparse=True)``):
 
-* with ``sparse_scheme`` set (``"zen"``, ``"agsparse"``, ``"sparcml"``,
-  ``"omnireduce"``, ``"dense"`` or ``"auto"``, see :mod:`thrifty.zen`), a plan
+* with ``sparse_scheme`` set (a :class:`SparseSync` object, a factory of
+  them, or the name a system registered with :func:`register_sparse_scheme`:
+  ``import thrifty.zen`` registers ``"zen"``, ``"agsparse"``, ``"sparcml"``,
+  ``"omnireduce"``, ``"dense"`` and ``"auto"``), a plan
   group whose parameters are *all* weights of such modules (a layer-wise plan
   gives each its own group) skips flattening and its strategy: at the end of
   backward, in plan order with the other groups' second phases, each of its
-  gradients is averaged by :func:`thrifty.zen.sync_sparse` with that scheme
+  gradients is averaged by its own scheme object (``scheme.sync``)
   and written back as a coalesced sparse ``.grad``, so ``SparseAdam`` and
   ``SGD`` work on it. Which groups are sparse is decided once, from the
   modules, so every rank takes the same path even when a rank's embedding got
@@ -72,6 +74,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -79,7 +82,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -91,14 +94,42 @@ from thrifty.compressors import Compressor
 from thrifty.compressors.memory import Memory
 from thrifty.sync.plan import Group, Plan, Strategy, has_feedback
 
-__all__ = ["GradientSync", "get_planner", "register_planner"]
+__all__ = [
+    "GradientSync",
+    "Planner",
+    "SparseSync",
+    "get_planner",
+    "get_sparse_scheme",
+    "register_planner",
+    "register_sparse_scheme",
+]
 
 log = logging.getLogger(__name__)
 
 # Planners turn (sync engine, strategy) into a Plan; MergeComp and ByteComp
-# register a factory of planners here so the engine never imports them.
+# register a factory of planners here when they are imported, so the engine
+# never imports them (a substrate imports no system).
 Planner = Callable[["GradientSync", Strategy], Plan]
 _PLANNERS: dict[str, Callable[..., Planner]] = {}
+
+
+@runtime_checkable
+class SparseSync(Protocol):
+    """What GradientSync needs of a sparse scheme: average one sparse gradient over a group.
+
+    ``sync`` gets the parameter's sparse COO gradient (an empty one when this
+    rank produced none, so every rank calls it) and returns the mean over the
+    ranks of ``group`` when ``average`` (else the sum), sparse and coalesced.
+    It is a collective: every rank calls it for the same parameters in the
+    same order. One object serves one parameter and may keep state across
+    iterations (e.g. a scheme that profiles before it chooses).
+    """
+
+    def sync(self, grad: Tensor, group: dist.ProcessGroup | None, average: bool) -> Tensor: ...
+
+
+SparseSchemeFactory = Callable[[], SparseSync]
+_SPARSE_SCHEMES: dict[str, SparseSchemeFactory] = {}
 
 # A scheme in two halves: preparing (error feedback, compression) returns a
 # Launch; calling it issues the asynchronous collective and returns a Finish;
@@ -109,19 +140,65 @@ Launch = Callable[[], Finish]
 
 
 def register_planner(name: str, factory: Callable[..., Planner]) -> None:
-    """Make ``GradientSync(model, plan=name)`` use ``factory()`` as its planner."""
+    """Make ``GradientSync(model, plan=name)`` use ``factory()`` as its planner.
+
+    Systems call this when imported (``import thrifty.mergecomp`` registers
+    ``"mergecomp"``); registering a name again replaces its factory.
+    """
     _PLANNERS[name] = factory
 
 
 def get_planner(name: str, **options: Any) -> Planner:
-    """The planner registered as ``name`` (importing ``thrifty.<name>`` if needed)."""
+    """A fresh planner of the factory registered as ``name``, built with ``options``."""
     if name not in _PLANNERS:
-        with contextlib.suppress(ImportError):
-            __import__(f"thrifty.{name}")  # a planner registers itself on import
-    if name not in _PLANNERS:
-        known = ["layerwise", "whole", *sorted(_PLANNERS)]
-        raise ValueError(f"unknown plan {name!r}; expected a Plan or one of {known}")
+        raise ValueError(
+            f"unknown plan {name!r}: not 'layerwise', 'whole' nor a registered planner "
+            f"(registered: {sorted(_PLANNERS) or 'none'}). Planners register when their "
+            "system is imported (import thrifty.mergecomp for 'mergecomp', thrifty.bytecomp "
+            "for 'bytecomp'), or pass a planner object or a Plan instead of a name"
+        )
     return _PLANNERS[name](**options)
+
+
+def register_sparse_scheme(name: str, factory: SparseSchemeFactory) -> None:
+    """Make ``GradientSync(model, sparse_scheme=name)`` build its schemes with ``factory()``.
+
+    ``factory()`` must return a fresh :class:`SparseSync` (one per parameter).
+    Systems call this when imported (``import thrifty.zen`` registers its
+    schemes); registering a name again replaces its factory.
+    """
+    _SPARSE_SCHEMES[name] = factory
+
+
+def get_sparse_scheme(name: str) -> SparseSchemeFactory:
+    """The factory registered as ``name`` (see :func:`register_sparse_scheme`)."""
+    if name not in _SPARSE_SCHEMES:
+        raise ValueError(
+            f"unknown sparse scheme {name!r} (registered: {sorted(_SPARSE_SCHEMES) or 'none'}). "
+            "Sparse schemes register when their system is imported: import thrifty.zen to "
+            "register its schemes ('zen', 'agsparse', 'sparcml', 'omnireduce', 'dense', "
+            "'auto'), or pass a scheme object or a factory of them instead of a name"
+        )
+    return _SPARSE_SCHEMES[name]
+
+
+def _sparse_factory(spec: str | SparseSync | SparseSchemeFactory) -> SparseSchemeFactory:
+    """How to build one parameter's scheme from what ``GradientSync`` was given.
+
+    A name comes from the registry; a scheme object is a prototype, copied for
+    every parameter (schemes may keep state per parameter); anything else
+    callable (a class, a function) is a factory.
+    """
+    if isinstance(spec, str):
+        return get_sparse_scheme(spec)
+    if not isinstance(spec, type) and isinstance(spec, SparseSync):
+        return lambda: copy.deepcopy(spec)
+    if callable(spec):
+        return spec
+    raise TypeError(
+        f"sparse_scheme must be a registered name, an object with a sync(grad, group, "
+        f"average) method or a factory of them, got {type(spec).__name__}"
+    )
 
 
 @dataclass(frozen=True)
@@ -147,7 +224,7 @@ class _GroupState:
     ready: set[int] = field(default_factory=set)
     finish: Finish | None = None
     launched: concurrent.futures.Future[Finish] | None = None  # its launch on the launcher
-    sparse: bool = False  # synced by the sparse scheme at the end of backward
+    sparse: bool = False  # synced by its sparse schemes at the end of backward
 
 
 class GradientSync:
@@ -158,8 +235,9 @@ class GradientSync:
         compressor: registry name (see ``thrifty.compressors.available_compressors()``)
             or None for fp32. Ignored when ``plan`` is a :class:`Plan`.
         plan: ``"layerwise"`` (one group per tensor), ``"whole"`` (one group), a
-            registered planner name (``"mergecomp"``, ``"bytecomp"``), a planner
-            object (``thrifty.mergecomp.MergeComp(...)``), or a :class:`Plan`.
+            planner object (``thrifty.mergecomp.MergeComp(...)``), a name registered
+            with :func:`register_planner` (``"mergecomp"`` once ``thrifty.mergecomp``
+            is imported, ``"bytecomp"`` once ``thrifty.bytecomp`` is), or a :class:`Plan`.
         collective: for the default strategy; None picks all-reduce when the
             compressor allows it, else all-gather.
         memory: error feedback for the default strategy (``"default"``, ``"none"``,
@@ -174,9 +252,11 @@ class GradientSync:
         check_plan: all-gather the plan's fingerprint and refuse to start when
             ranks disagree (a mismatched plan would hang or corrupt collectives).
         sparse_scheme: how groups of sparse-gradient parameters are synchronised
-            (see the module docstring): a :data:`thrifty.zen.SCHEMES` name, a
-            callable returning a fresh scheme object (one per parameter), or
-            None to densify sparse gradients.
+            (see the module docstring): a name registered with
+            :func:`register_sparse_scheme` (``import thrifty.zen`` first for
+            ``"zen"`` and the schemes it is compared with), a :class:`SparseSync`
+            object (copied for each parameter), a callable returning a fresh
+            one (called once per parameter), or None to densify sparse gradients.
         **compressor_options: keyword arguments of the compressor (e.g. ``ratio``).
     """
 
@@ -192,7 +272,7 @@ class GradientSync:
         ranks_per_node: int | None = None,
         broadcast_parameters: bool = True,
         check_plan: bool = True,
-        sparse_scheme: str | Callable[[], Any] | None = None,
+        sparse_scheme: str | SparseSync | SparseSchemeFactory | None = None,
         **compressor_options: Any,
     ) -> None:
         if not dist.is_initialized():
@@ -224,9 +304,10 @@ class GradientSync:
         self.strategy = Strategy.make(compressor, collective, memory, **compressor_options)
         self.sparse_scheme = sparse_scheme
         self._sparse_names = _sparse_parameter_names(model, self._params)
-        self._sparse_schemes: dict[str, Any] = {}  # per parameter: schemes may keep state
+        self._sparse_schemes: dict[str, SparseSync] = {}  # per parameter: they may keep state
         if sparse_scheme is not None:
-            self._sparse_schemes = {n: self._make_sparse_scheme() for n in self._sparse_names}
+            factory = _sparse_factory(sparse_scheme)  # ValueError names the registered ones
+            self._sparse_schemes = {n: _built(factory) for n in sorted(self._sparse_names)}
         # Called with this engine after every synchronised backward (planners
         # that tune online hook in here); ``iterations`` counts those backwards.
         self.iteration_callbacks: list[Callable[[GradientSync], None]] = []
@@ -318,24 +399,20 @@ class GradientSync:
             _Link(nodes.cross, nodes.nodes, nodes.node),
         )
 
-    def _make_sparse_scheme(self) -> Any:
-        if callable(self.sparse_scheme):
-            return self.sparse_scheme()
-        from thrifty.zen import make_scheme  # lazily: a substrate never imports a system
-
-        return make_scheme(str(self.sparse_scheme))  # ValueError names the known schemes
-
     def _build_groups(self, plan: Plan) -> list[_GroupState]:
         groups = []
         for i, g in enumerate(plan.groups):
             params = [self._params[n] for n in g.names]
             sparse = [n in self._sparse_names for n in g.names]
             if self.sparse_scheme is not None and any(sparse) and not all(sparse):
+                mixed = [n for n, s in zip(g.names, sparse, strict=True) if s]
                 log.warning(
                     "group %d mixes sparse-gradient parameters %s with dense ones: their "
                     "gradients are densified; give them a group of their own to use %s",
-                    i, [n for n, s in zip(g.names, sparse, strict=True) if s], self.sparse_scheme,
-                )  # fmt: skip
+                    i,
+                    mixed,
+                    self.sparse_scheme,
+                )
             groups.append(
                 _GroupState(
                     index=i,
@@ -485,8 +562,6 @@ class GradientSync:
 
     def _sync_sparse_group(self, state: _GroupState) -> None:
         """Average each sparse gradient of the group with its scheme; write a sparse ``.grad``."""
-        from thrifty.zen import sync_sparse  # lazily: a substrate never imports a system
-
         for name, p in zip(state.group.names, state.params, strict=True):
             grad = p.grad
             if grad is None:  # unused on this rank: the others still expect its part
@@ -498,7 +573,7 @@ class GradientSync:
             elif not grad.is_sparse:  # e.g. tied to a dense layer: rows of the dense gradient
                 grad = grad.to_sparse(sparse_dim=1)
             with self._counting():
-                synced = sync_sparse(grad, self._sparse_schemes[name], self.group, average=True)
+                synced = self._sparse_schemes[name].sync(grad, self.group, True)
             p.grad = synced if p.grad is None or p.grad.is_sparse else synced.to_dense()
 
     def _write_grads(self, state: _GroupState, averaged: Tensor) -> None:
@@ -775,6 +850,17 @@ class GradientSync:
             return finish
 
         return launch
+
+
+def _built(factory: SparseSchemeFactory) -> SparseSync:
+    """One parameter's scheme, checked to have the method the engine calls."""
+    scheme = factory()
+    if not isinstance(scheme, SparseSync):
+        raise TypeError(
+            f"sparse_scheme factory {factory!r} returned a {type(scheme).__name__}, "
+            "which has no sync(grad, group, average) method"
+        )
+    return scheme
 
 
 def _sparse_parameter_names(model: nn.Module, params: dict[str, nn.Parameter]) -> set[str]:

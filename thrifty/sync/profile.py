@@ -8,7 +8,10 @@ one payload, at a grid of sizes, interpolated for any size in between.
 
 Ready times are measured *without* communication (local backward only), as
 Espresso traces its models without compression: the timeline adds the
-communication and compression itself.
+communication and compression itself. :func:`profile_model` measures them in
+iterations of its own; planners that watch the first training iterations
+instead (one uncompressed whole-model group sends nothing during backward)
+turn what they saw into a profile with :func:`profile_from_ready_times`.
 
 Example::
 
@@ -23,7 +26,7 @@ import bisect
 import json
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +36,15 @@ from torch import nn
 
 from thrifty.sync.plan import Strategy, has_feedback
 
-__all__ = ["CompressionCost", "Profile", "TensorProfile", "measure_compression", "profile_model"]
+__all__ = [
+    "CompressionCost",
+    "Profile",
+    "TensorProfile",
+    "measure_compression",
+    "profile_from_ready_times",
+    "profile_model",
+    "ready_order",
+]
 
 
 @dataclass(frozen=True)
@@ -128,6 +139,64 @@ def _median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else 0.0
 
 
+def ready_order(ready: Mapping[str, Sequence[float]], names: Sequence[str]) -> list[str]:
+    """``names`` in the order backward produced them: by median observed ready time.
+
+    Tensors never seen ready (unused parameters, no gradient) go last, in the
+    order of ``names``: the engine only finishes them once backward is over.
+    """
+    seen = sorted((n for n in names if ready.get(n)), key=lambda n: statistics.median(ready[n]))
+    return seen + [n for n in names if not ready.get(n)]
+
+
+def _tensor_profiles(
+    params: Mapping[str, torch.Tensor], ready: Mapping[str, Sequence[float]]
+) -> list[TensorProfile]:
+    """One TensorProfile per parameter, with its real dtype, in backward order.
+
+    A tensor never seen ready is placed last and ready when backward ends (the
+    latest observed time), so the ready times never go back in time.
+    """
+    order = ready_order(ready, list(params))
+    end = max((_median(ready[n]) for n in order if ready.get(n)), default=0.0)
+    return [
+        TensorProfile(
+            name,
+            params[name].numel(),
+            str(params[name].dtype).removeprefix("torch."),
+            _median(ready[name]) if ready.get(name) else end,
+        )
+        for name in order
+    ]
+
+
+def profile_from_ready_times(
+    params: Mapping[str, torch.Tensor],
+    ready: Mapping[str, Sequence[float]],
+    compressors: Sequence[Strategy] = (),
+    world_size: int = 1,
+) -> Profile:
+    """A profile from ready times observed while training, for a planner deciding in place.
+
+    Args:
+        params: the parameters the plan covers, by name.
+        ready: each one's ready times (seconds after backward starts) over the
+            iterations watched; the median is kept, so one slow iteration on a
+            shared machine does not skew the profile.
+        compressors: strategies whose encode/decode cost is measured here.
+        world_size: ranks the plan will run on.
+
+    Tensors are in backward order (:func:`ready_order`), each with its own
+    dtype. Backward time is the last ready time; forward and step are unknown
+    (0): the timeline only needs them to report a whole iteration.
+    """
+    tensors = _tensor_profiles(params, ready)
+    backward = max((t.ready for t in tensors), default=0.0)
+    total = sum(t.numel for t in tensors)
+    costs = {s.cost_key(): measure_compression(s, max_numel=total) for s in compressors}
+    return Profile(tensors, 0.0, backward, 0.0, world_size, costs)
+
+
 def profile_model(
     model: nn.Module,
     loss_fn: Callable[[], torch.Tensor],
@@ -178,11 +247,7 @@ def profile_model(
     finally:
         for h in hooks:
             h.remove()
-    tensors = [
-        TensorProfile(n, p.numel(), str(p.dtype).removeprefix("torch."), _median(ready[n]))
-        for n, p in named
-    ]
-    tensors.sort(key=lambda t: t.ready)  # backward order
+    tensors = _tensor_profiles(dict(named), ready)
     total = sum(t.numel for t in tensors)
     costs = {s.cost_key(): measure_compression(s, max_numel=total) for s in compressors}
     return Profile(tensors, _median(forward), _median(backward), _median(step), world_size, costs)

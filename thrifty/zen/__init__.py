@@ -6,78 +6,45 @@
   ``"omnireduce"`` or ``"auto"`` (BP or HC from the measured densification;
   ``AutoScheme(criterion="time")`` instead keeps the fastest of BP, HC,
   AGsparse and dense, timed on the first calls);
-* :mod:`~thrifty.zen.hierarchical_hashing`: Zen's Algorithm 1, vectorised;
-* :mod:`~thrifty.zen.analytic`: bytes on the wire per scheme (Eq. 1, Eq. 2);
-* :mod:`~thrifty.zen.selection`: BP or HC from gamma (or by measured time);
-* :mod:`~thrifty.zen.workloads` and :mod:`~thrifty.zen.analysis`: real sparse
-  gradients (LSTM LM on ShareGPT, DeepFM on Zipf features, DGC on a GPT) and
-  their density, overlap, densification and skew (``thrifty zen analyze``).
+* :func:`measure_sparsity` and :func:`predict_wire_bytes`: density, overlap,
+  densification and skew of index sets, and the bytes each scheme sends
+  (Eq. 1, Eq. 2).
 
-``GradientSync(model, sparse_scheme="zen")`` (:mod:`thrifty.sync.engine`)
-sends ``nn.Embedding(sparse=True)`` gradients through a scheme during training.
+Importing this package registers every scheme of :data:`SCHEMES` with the
+gradient-sync substrate, so ``GradientSync(model, sparse_scheme="zen")``
+(:mod:`thrifty.sync.engine`) sends ``nn.Embedding(sparse=True)`` gradients
+through a scheme during training; a scheme object or a factory works too.
+
+Every module but ``benchmark`` is library code and imports no benchmark code:
+``sync``, ``schemes``, ``selection``, ``analytic``, ``sparse_rows``,
+``hash_bitmap``, ``hierarchical_hashing``, ``owner_hash``, ``validation``, and
+``workloads`` and ``analysis`` (real sparse gradients and their statistics; the
+GPT workload takes its model from the caller). ``benchmark`` is ``thrifty zen
+bench|analyze``: it runs them on the harness and writes the result files.
 """
 
 from __future__ import annotations
 
-from thrifty.zen.analytic import (
-    SparsityStats,
-    WireVolume,
-    densification_ratios,
-    measure_sparsity,
-    predict_wire_bytes,
-)
-from thrifty.zen.hierarchical_hashing import (
-    HashedPartition,
-    h0_imbalance,
-    hierarchical_hash_partition,
-    imbalance_ratio,
-    partition_by_owner,
-)
-from thrifty.zen.owner_hash import OwnerHash
-from thrifty.zen.schemes import (
-    AllGatherSparse,
-    BalancedParallelism,
-    ContiguousBlockParallelism,
-    DenseAllReduce,
-    HierarchicalCentralization,
-    SparseScheme,
-)
-from thrifty.zen.selection import (
-    AutoScheme,
-    choose_bp_or_hc,
-    choose_bp_or_hc_by_bytes,
-    estimate_sparsity,
-)
-from thrifty.zen.sparse_rows import SparseRows
-from thrifty.zen.sync import SCHEMES, agree_seed, make_scheme, sync_sparse
+from thrifty.sync import register_sparse_scheme
+from thrifty.zen.analytic import SparsityStats, WireVolume, measure_sparsity, predict_wire_bytes
+from thrifty.zen.schemes import SparseScheme
+from thrifty.zen.selection import AutoScheme
+from thrifty.zen.sync import SCHEMES, make_scheme, sync_sparse
 from thrifty.zen.validation import SparseSyncError
 
 __all__ = [
     "SCHEMES",
-    "AllGatherSparse",
     "AutoScheme",
-    "BalancedParallelism",
-    "ContiguousBlockParallelism",
-    "DenseAllReduce",
-    "HashedPartition",
-    "HierarchicalCentralization",
-    "OwnerHash",
-    "SparseRows",
     "SparseScheme",
     "SparseSyncError",
     "SparsityStats",
     "WireVolume",
-    "agree_seed",
-    "choose_bp_or_hc",
-    "choose_bp_or_hc_by_bytes",
-    "densification_ratios",
-    "estimate_sparsity",
-    "h0_imbalance",
-    "hierarchical_hash_partition",
-    "imbalance_ratio",
     "make_scheme",
     "measure_sparsity",
-    "partition_by_owner",
     "predict_wire_bytes",
     "sync_sparse",
 ]
+
+# GradientSync(model, sparse_scheme=name): each scheme class is its own factory.
+for _name, _scheme in SCHEMES.items():
+    register_sparse_scheme(_name, _scheme)

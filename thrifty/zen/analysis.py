@@ -1,9 +1,9 @@
-"""``thrifty zen analyze``: the sparsity of real gradients (the paper's §2.1, Figs. 2-3).
+"""The sparsity of real gradients (the paper's §2.1, Figs. 2-3), behind ``thrifty zen analyze``.
 
-For each workload of :mod:`thrifty.zen.workloads`, train a few data-parallel
-steps with ``workers`` simulated workers (one process, each worker its own
-data shard) and measure, per step, on the first ``n`` workers' non-zero rows
-for ``n = 2, 4, 8, 16``:
+:func:`analyze_workload` trains a workload of :mod:`thrifty.zen.workloads` for a
+few data-parallel steps with ``workers`` simulated workers (one process, each
+worker its own data shard) and measures, per step, on the first ``n`` workers'
+non-zero rows for ``n = 2, 4, 8, 16``:
 
 * density ``d`` (non-zero rows / rows, mean over workers);
 * overlap ratio ``|I_a & I_b| / min(|I_a|, |I_b|)`` of every pair of workers;
@@ -15,7 +15,8 @@ for ``n = 2, 4, 8, 16``:
   would send per rank (:func:`thrifty.zen.predict_wire_bytes`), with the
   BP-or-HC choice of Eq. 1 vs Eq. 2.
 
-Results go to ``results/zen_analysis.json`` and ``results/zen_analysis.png``.
+:func:`thrifty.zen.benchmark.run_analysis` runs it for each workload and writes
+``results/zen_analysis.json`` and ``results/zen_analysis.png``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import logging
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,9 +35,15 @@ from thrifty.zen.hierarchical_hashing import h0_imbalance
 from thrifty.zen.schemes.block_parallelism import OMNIREDUCE_BLOCK_SIZE, rows_per_block
 from thrifty.zen.selection import choose_bp_or_hc
 from thrifty.zen.sparse_rows import wire_index_dtype
-from thrifty.zen.workloads import WORKLOADS, make_workload, simulate_index_sets
+from thrifty.zen.workloads import Workload, simulate_index_sets
 
-__all__ = ["SKEW_PARTS", "analyze_index_sets", "plot_analysis", "run_analysis", "skewness_curve"]
+__all__ = [
+    "SHARE_PARTS",
+    "SKEW_PARTS",
+    "analyze_index_sets",
+    "analyze_workload",
+    "skewness_curve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -91,16 +97,26 @@ def analyze_index_sets(
         for sets in steps:
             stats = measure_sparsity(list(sets[:n]), num_rows, rows_per_block=per_block)
             push, pull = h0_imbalance(list(sets[:n]), num_rows)
-            values = {"density": stats.density, "gamma": stats.gamma,
-                      "overlap": stats.overlap or 0.0, "union_skewness": stats.skewness,
-                      "push_imbalance": push, "pull_imbalance": pull}  # fmt: skip
+            values = {
+                "density": stats.density,
+                "gamma": stats.gamma,
+                "overlap": stats.overlap or 0.0,
+                "union_skewness": stats.skewness,
+                "push_imbalance": push,
+                "pull_imbalance": pull,
+            }
             for key, value in values.items():
                 rows.setdefault(key, []).append(value)
             for scheme in SCHEME_NAMES:
                 volume = predict_wire_bytes(
-                    scheme, stats, index_bytes=index_bytes, values_per_index=row_numel,
-                    checked=False, push_imbalance=push, pull_imbalance=pull,
-                )  # fmt: skip
+                    scheme,
+                    stats,
+                    index_bytes=index_bytes,
+                    values_per_index=row_numel,
+                    checked=False,
+                    push_imbalance=push,
+                    pull_imbalance=pull,
+                )
                 predicted[scheme].append(volume.max_rank_bytes)
             choices.append(choose_bp_or_hc(stats.gammas, n))
         entry: dict[str, Any] = {k: statistics.mean(v) for k, v in rows.items()}
@@ -126,80 +142,14 @@ def analyze_index_sets(
     }
 
 
-def run_analysis(
-    workloads: Sequence[str] = WORKLOADS,
-    workers: int = 16,
-    steps: int = 3,
-    sizes: Sequence[int] = (2, 4, 8, 16),
-    seed: int = 0,
-    plot: bool = True,
-    write: bool = True,
-    **workload_options: Any,
+def analyze_workload(
+    workload: Workload, workers: int, steps: int, sizes: Sequence[int] = (2, 4, 8, 16)
 ) -> dict[str, Any]:
-    """Analyse each workload; write ``results/zen_analysis.json`` (+ PNG) when ``write``."""
-    from thrifty.bench.results import results_dir, write_json
-
-    out: dict[str, Any] = {"workers": workers, "steps": steps, "sizes": list(sizes),
-                           "workloads": {}}  # fmt: skip
-    for name in workloads:
-        started = time.perf_counter()
-        workload = make_workload(name, seed=seed, **workload_options)
-        index_sets = simulate_index_sets(workload, workers, steps)
-        result = analyze_index_sets(index_sets, workload.num_rows, workload.row_numel, sizes)
-        result["description"] = workload.description
-        result["seconds"] = time.perf_counter() - started
-        out["workloads"][name] = result
-        log.info("%s analysed in %.1f s", name, result["seconds"])
-    if write:
-        out["json_path"] = str(write_json("zen_analysis", out))
-        if plot:
-            out["plot_path"] = str(plot_analysis(out, results_dir() / "zen_analysis.png"))
-    return out
-
-
-def plot_analysis(payload: dict[str, Any], path: Path) -> Path:
-    """Fig. 2 (overlap, gamma(n)) and Fig. 3 (shares of 8 parts, skewness vs parts)."""
-    import matplotlib
-    import matplotlib.ticker
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
-    items = list(payload["workloads"].items())
-    for i, (name, data) in enumerate(items):
-        color = f"C{i}"
-        if data["overlaps"]:
-            axes[0].hist(data["overlaps"], bins=20, range=(0, 1), alpha=0.5, color=color,
-                         label=name, density=True)  # fmt: skip
-        ns = [int(n) for n in data["by_n"]]
-        axes[1].plot(ns, [data["by_n"][str(n)]["gamma"] for n in ns], "o-", color=color,
-                     label=name)  # fmt: skip
-        width = 0.8 / len(items)
-        xs = [p + i * width for p in range(SHARE_PARTS)]
-        axes[2].bar(xs, data["part_shares"], width=width, color=color, label=name)
-        axes[3].plot(data["skewness_parts"], data["skewness"], "o-", color=color, label=name)
-    ns = sorted({int(n) for _, d in items for n in d["by_n"]})
-    if ns:
-        axes[1].plot(ns, ns, "k--", label="no overlap (gamma = n)")
-    axes[0].set(title="(a) overlap ratio of worker pairs", xlabel="overlap ratio",
-                ylabel="density of pairs")  # fmt: skip
-    axes[1].set(title="(b) densification gamma(n)", xlabel="n workers", ylabel="gamma",
-                xscale="log")  # fmt: skip
-    axes[2].set(title=f"(c) share of non-zeros in {SHARE_PARTS} equal parts", xlabel="part",
-                ylabel="share")  # fmt: skip
-    axes[3].set(title="(d) skewness ratio", xlabel="equal parts", ylabel="max part density / d",
-                xscale="log", yscale="log")  # fmt: skip
-    if ns:
-        axes[1].set_xticks(ns, [str(n) for n in ns])
-        axes[1].minorticks_off()
-    axes[3].set_xticks(list(SKEW_PARTS), [str(k) for k in SKEW_PARTS])
-    axes[3].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
-    axes[3].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
-    axes[3].minorticks_off()
-    for ax in axes:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    """Train ``steps`` steps of ``workers`` simulated workers; the statistics of their rows."""
+    started = time.perf_counter()
+    index_sets = simulate_index_sets(workload, workers, steps)
+    result = analyze_index_sets(index_sets, workload.num_rows, workload.row_numel, sizes)
+    result["description"] = workload.description
+    result["seconds"] = time.perf_counter() - started
+    log.info("%s analysed in %.1f s", workload.name, result["seconds"])
+    return result

@@ -1,4 +1,4 @@
-"""Zen benchmark: five sparse schemes on emulated nodes with their own rate-limited NIC.
+"""Zen's benchmark: five sparse schemes on emulated nodes with their own rate-limited NIC.
 
 For every rate and node count ``n`` one torchrun job runs inside an
 :func:`~thrifty.bench.cluster.emulated_cluster` with one rank per node (a
@@ -25,11 +25,21 @@ all-reduce, AGsparse and Zen: iteration time, tokens per second, bytes.
 
 The driver writes ``results/zen_bench.json`` and ``results/zen_bench.png``
 with the ratios the issue's goals are about (:func:`goal_checks`).
-Run with ``thrifty zen bench`` (root) or ``python benchmarks/zen.py``.
+Run with ``thrifty zen bench`` (root; ``--rates loopback`` runs without it,
+with no rate limit) or ``python benchmarks/zen.py``.
+
+:func:`run_analysis` is ``thrifty zen analyze``: the statistics of
+:mod:`thrifty.zen.analysis` for each workload, written to
+``results/zen_analysis.json`` and ``.png``.
+
+The only module of Zen that imports the benchmark harness (``thrifty.bench``):
+its result files, the emulated cluster, and the GPT model of the ``gpt_dgc``
+workload, which it hands to :mod:`thrifty.zen.workloads`.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import statistics
@@ -43,8 +53,30 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from thrifty.bench import cluster
+from thrifty.bench import cluster, netem
+from thrifty.bench.models import build_model
 from thrifty.bench.results import results_dir, write_json
+from thrifty.comm import collectives
+from thrifty.sync import GradientSync
+from thrifty.zen.analysis import SHARE_PARTS, SKEW_PARTS, analyze_workload
+from thrifty.zen.analytic import (
+    SCHEME_NAMES,
+    eq1_bp_volume,
+    measure_sparsity,
+    predict_wire_bytes,
+)
+from thrifty.zen.schemes.block_parallelism import OMNIREDUCE_BLOCK_SIZE, rows_per_block
+from thrifty.zen.selection import AutoScheme
+from thrifty.zen.sparse_rows import wire_index_dtype
+from thrifty.zen.sync import make_scheme, sync_sparse
+from thrifty.zen.workloads import (
+    WORKLOADS,
+    FrequencyVocabulary,
+    LSTMLanguageModel,
+    index_sets_at_density,
+    make_workload,
+    sharegpt_tokens,
+)
 
 __all__ = [
     "DENSITIES",
@@ -52,8 +84,12 @@ __all__ = [
     "RATES",
     "SCHEMES",
     "SOURCES",
+    "GridError",
+    "check_grid",
     "goal_checks",
+    "plot_analysis",
     "prepare_inputs",
+    "run_analysis",
     "run_zen_benchmark",
     "summary_rows",
 ]
@@ -64,11 +100,55 @@ MODULE = "thrifty.zen.benchmark"
 NODES = (2, 4, 8)
 RATES = ("1gbit", "10gbit")
 DENSITIES = (0.001, 0.01, 0.05)
-SOURCES = ("lstm", "deepfm", "gpt_dgc", "uniform")
+SOURCES = (*WORKLOADS, "uniform")
 SCHEMES = ("dense", "agsparse", "sparcml", "omnireduce", "zen", "auto")
 BASELINES = ("dense", "agsparse", "sparcml", "omnireduce")
 TRAIN_CONFIGS = {"dense": None, "agsparse": "agsparse", "zen": "zen"}
 TRAIN_BATCH, TRAIN_SEQ = 16, 32
+GPT_MODEL = functools.partial(build_model, "gpt")
+"""The ``gpt_dgc`` workload's model: the harness's GPT-style transformer."""
+
+
+class GridError(ValueError):
+    """A benchmark setting that cannot run; ``setting`` names it (``"nodes"``, ``"sources"``...)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def check_grid(
+    nodes: Sequence[int],
+    rates: Sequence[str],
+    densities: Sequence[float],
+    sources: Sequence[str],
+    schemes: Sequence[str],
+) -> None:
+    """Refuse a grid the benchmark cannot run, before anything is prepared or launched.
+
+    A rate is ``"loopback"`` (no limit: every rank on the plain loopback) or
+    a NIC rate such as ``"1gbit"``.
+
+    Raises:
+        GridError: naming the setting that is wrong.
+    """
+    if not rates:
+        raise GridError("rates", "give at least one rate ('loopback' for no limit)")
+    for rate in rates:
+        if rate != "loopback":
+            try:
+                netem.parse_rate(rate)
+            except ValueError as exc:
+                raise GridError("rates", f"{exc} (or 'loopback' for no limit)") from exc
+    if not nodes or min(nodes) < 2:
+        raise GridError("nodes", f"nodes must be >= 2 (one rank per node), got {list(nodes)}")
+    if not densities or not all(0 < d <= 1 for d in densities):
+        raise GridError("densities", f"densities must be in (0, 1], got {list(densities)}")
+    for setting, names, known in (("sources", sources, SOURCES), ("schemes", schemes, SCHEMES)):
+        unknown = [name for name in names if name not in known]
+        if unknown or not names:
+            message = f"unknown {setting} {unknown or list(names)}; expected some of {known}"
+            raise GridError(setting, message)
 
 
 # --------------------------------------------------------------------------- driver side
@@ -87,22 +167,14 @@ def prepare_inputs(
     Saved to ``path`` for the ranks; returns the predictions and sparsity
     statistics (JSON-able) for the report.
     """
-    from thrifty.zen import measure_sparsity, predict_wire_bytes
-    from thrifty.zen.analytic import SCHEME_NAMES, eq1_bp_volume
-    from thrifty.zen.schemes.block_parallelism import OMNIREDUCE_BLOCK_SIZE, rows_per_block
-    from thrifty.zen.sparse_rows import wire_index_dtype
-    from thrifty.zen.workloads import (
-        FrequencyVocabulary,
-        index_sets_at_density,
-        sharegpt_tokens,
-    )
-
     cells, report = [], {}
     workers = max(nodes)
     for source in sources:
         for density in densities:
             started = time.perf_counter()
-            sets, num_rows, row_numel = index_sets_at_density(source, workers, density, seed)
+            sets, num_rows, row_numel = index_sets_at_density(
+                source, workers, density, seed, gpt_model=GPT_MODEL
+            )
             per_block = rows_per_block(OMNIREDUCE_BLOCK_SIZE, row_numel)
             index_bytes = wire_index_dtype(num_rows).itemsize
             entry = index_bytes + 4 * row_numel
@@ -124,13 +196,19 @@ def prepare_inputs(
                     ),
                 }
             key = f"{source}@{density:g}"
-            cells.append({"key": key, "source": source, "density": density,
-                          "num_rows": num_rows, "row_numel": row_numel,
-                          "sets": [s.to(torch.int32) for s in sets]})  # fmt: skip
-            report[key] = {"source": source, "density": density, "num_rows": num_rows,
-                           "row_numel": row_numel, "nnz": [s.numel() for s in sets],
-                           "prepare_s": time.perf_counter() - started,
-                           "predicted": predictions}  # fmt: skip
+            shape = {
+                "source": source,
+                "density": density,
+                "num_rows": num_rows,
+                "row_numel": row_numel,
+            }
+            cells.append({"key": key, **shape, "sets": [s.to(torch.int32) for s in sets]})
+            report[key] = {
+                **shape,
+                "nnz": [s.numel() for s in sets],
+                "prepare_s": time.perf_counter() - started,
+                "predicted": predictions,
+            }
     train = None
     if train_iters > 0:
         tokens = sharegpt_tokens()
@@ -167,25 +245,41 @@ def run_zen_benchmark(
 
     Each rate needs root (emulated NICs), except ``"loopback"``: all ranks on
     one node over the plain loopback (a smoke test; nothing is rate limited).
-    """
-    from thrifty.bench import netem
 
+    Raises:
+        GridError: a rate that is neither a NIC rate nor ``"loopback"``, an
+            unknown source or scheme, a density outside (0, 1], or fewer than
+            2 nodes (see :func:`check_grid`).
+        NetemUnavailable: a rate other than ``"loopback"`` without root or ``tc``.
+    """
+    check_grid(nodes, rates, densities, sources, schemes)
     if any(rate != "loopback" for rate in rates):
         netem.check_available()
     started = time.perf_counter()
     payload: dict[str, Any] = {
-        "nodes": list(nodes), "rates": list(rates), "densities": list(densities),
-        "sources": list(sources), "schemes": list(schemes), "reps": reps,
-        "train_iters": train_iters, "train_warmup": train_warmup,
-        "load_average_before": os.getloadavg(), "runs": {},
-    }  # fmt: skip
+        "nodes": list(nodes),
+        "rates": list(rates),
+        "densities": list(densities),
+        "sources": list(sources),
+        "schemes": list(schemes),
+        "reps": reps,
+        "train_iters": train_iters,
+        "train_warmup": train_warmup,
+        "load_average_before": os.getloadavg(),
+        "runs": {},
+    }
     with tempfile.TemporaryDirectory(prefix="thrifty-zen-") as tmp:
         inputs = Path(tmp) / "inputs.pt"
         iters = train_warmup + train_iters
         payload["inputs"] = prepare_inputs(sources, densities, nodes, iters, inputs)
         payload["prepare_s"] = time.perf_counter() - started
-        job = {"inputs": str(inputs), "schemes": list(schemes), "reps": reps,
-               "train_iters": train_iters, "train_warmup": train_warmup}  # fmt: skip
+        job = {
+            "inputs": str(inputs),
+            "schemes": list(schemes),
+            "reps": reps,
+            "train_iters": train_iters,
+            "train_warmup": train_warmup,
+        }
         for rate in rates:
             for n in nodes:
                 job_start = time.perf_counter()
@@ -247,13 +341,18 @@ def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
                 if s in predicted["bytes"]
             }
             row = {
-                "rate": run["rate"], "nodes": n, "source": inputs["source"],
-                "density": inputs["density"], "gamma": predicted["gamma"],
-                "skewness": predicted["skewness"], "seconds": times,
+                "rate": run["rate"],
+                "nodes": n,
+                "source": inputs["source"],
+                "density": inputs["density"],
+                "gamma": predicted["gamma"],
+                "skewness": predicted["skewness"],
+                "seconds": times,
                 "max_rank_bytes": {s: r["max_rank_bytes"] for s, r in schemes.items()},
                 "max_error": max(r["max_error"] for r in schemes.values()),
-                "bytes_vs_model": model_ratio, "best_baseline": best,
-            }  # fmt: skip
+                "bytes_vs_model": model_ratio,
+                "best_baseline": best,
+            }
             if "zen" in schemes:
                 zen = schemes["zen"]
                 row["zen_vs_balanced_model"] = (
@@ -281,10 +380,11 @@ def goal_checks(payload: dict[str, Any]) -> dict[str, Any]:
     outside = [{"scheme": s, "ratio": v, **_where(r)} for r, s, v in ratios if abs(v - 1) > 0.1]
     out["bytes_within_10pct_of_model"] = {
         "holds": not outside,
-        "worst": None if worst is None else {"scheme": worst[1], "ratio": worst[2],
-                                             **_where(worst[0])},
+        "worst": None
+        if worst is None
+        else {"scheme": worst[1], "ratio": worst[2], **_where(worst[0])},
         "outside": outside,
-    }  # fmt: skip
+    }
     zen = [r for r in rows if "zen_vs_eq1" in r]
     out["zen_bytes_within_1.1x_bp_optimum"] = {
         "holds": all(r["zen_vs_eq1"] <= 1.1 for r in zen),
@@ -299,13 +399,21 @@ def goal_checks(payload: dict[str, Any]) -> dict[str, Any]:
         "violations": [_brief(r) for r in auto if r["auto_vs_best_baseline"] > 1.05],
     }
     lstm = [r for r in rows if r["source"] == "lstm" and r["nodes"] == 8 and r["rate"] == "1gbit"]
+    twice_agsparse = bool(lstm) and all(r.get("speedup_vs_agsparse", 0) >= 2 for r in lstm)
     out["lstm_n8_1gbit"] = {
-        "rows": [{"density": r["density"], "vs_agsparse": r.get("speedup_vs_agsparse"),
-                  "vs_dense": r.get("speedup_vs_dense"),
-                  "vs_omnireduce": r.get("speedup_vs_omnireduce")} for r in lstm],
-        "holds_2x_agsparse": bool(lstm) and all(r.get("speedup_vs_agsparse", 0) >= 2 for r in lstm),
+        "holds": twice_agsparse,  # the headline; 5x dense is reported beside it
+        "rows": [
+            {
+                "density": r["density"],
+                "vs_agsparse": r.get("speedup_vs_agsparse"),
+                "vs_dense": r.get("speedup_vs_dense"),
+                "vs_omnireduce": r.get("speedup_vs_omnireduce"),
+            }
+            for r in lstm
+        ],
+        "holds_2x_agsparse": twice_agsparse,
         "holds_5x_dense": bool(lstm) and all(r.get("speedup_vs_dense", 0) >= 5 for r in lstm),
-    }  # fmt: skip
+    }
     skewed = [r for r in rows if r["source"] in ("lstm", "deepfm") and "speedup_vs_omnireduce" in r]
     out["faster_than_omnireduce_under_skew"] = {
         "holds": all(r["speedup_vs_omnireduce"] > 1 for r in skewed),
@@ -330,31 +438,135 @@ def _brief(row: dict[str, Any]) -> dict[str, Any]:
 
 def plot_zen_bench(payload: dict[str, Any], path: Path) -> Path:
     """Per rate and source: communication time of each scheme vs density, one panel per n."""
-    import matplotlib
+    import matplotlib  # optional: [bench]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+    import matplotlib.pyplot as plt  # optional: [bench]
 
     rows = payload["summary"]
     rates, sources, nodes = payload["rates"], payload["sources"], payload["nodes"]
     panels = [(rate, source) for rate in rates for source in sources]
-    fig, axes = plt.subplots(len(panels), len(nodes), figsize=(4.2 * len(nodes), 3.2 * len(panels)),
-                             squeeze=False)  # fmt: skip
+    size = (4.2 * len(nodes), 3.2 * len(panels))
+    fig, axes = plt.subplots(len(panels), len(nodes), figsize=size, squeeze=False)
     for i, (rate, source) in enumerate(panels):
         for j, n in enumerate(nodes):
             ax = axes[i, j]
-            mine = sorted((r for r in rows if r["rate"] == rate and r["source"] == source
-                           and r["nodes"] == n), key=lambda r: r["density"])  # fmt: skip
+            cell = (rate, source, n)
+            mine = sorted(
+                (r for r in rows if (r["rate"], r["source"], r["nodes"]) == cell),
+                key=lambda r: r["density"],
+            )
             for k, scheme in enumerate(payload["schemes"]):
                 pts = [(r["density"], r["seconds"][scheme]) for r in mine if scheme in r["seconds"]]
                 if pts:
                     style = "-" if scheme in BASELINES else "--"
                     ax.plot(*zip(*pts, strict=True), "o" + style, color=f"C{k}", label=scheme)
-            ax.set(xscale="log", yscale="log", title=f"{source}, {n} nodes, {rate}",
-                   xlabel="density", ylabel="seconds")  # fmt: skip
+            title = f"{source}, {n} nodes, {rate}"
+            ax.set(xscale="log", yscale="log", title=title, xlabel="density", ylabel="seconds")
             ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- analyze
+
+
+def run_analysis(
+    workloads: Sequence[str] = WORKLOADS,
+    workers: int = 16,
+    steps: int = 3,
+    sizes: Sequence[int] = (2, 4, 8, 16),
+    seed: int = 0,
+    plot: bool = True,
+    write: bool = True,
+    **workload_options: Any,
+) -> dict[str, Any]:
+    """``thrifty zen analyze``: :func:`~thrifty.zen.analysis.analyze_workload` for each workload.
+
+    Writes ``results/zen_analysis.json`` (+ PNG) when ``write``. The GPT
+    workload runs the harness's GPT model (:data:`GPT_MODEL`).
+    """
+    unknown = [name for name in workloads if name not in WORKLOADS]
+    if unknown:
+        raise ValueError(f"unknown workload {unknown[0]!r}; expected some of {WORKLOADS}")
+    out: dict[str, Any] = {
+        "workers": workers,
+        "steps": steps,
+        "sizes": list(sizes),
+        "workloads": {},
+    }
+    options = {"gpt_model": GPT_MODEL, **workload_options}
+    for name in workloads:
+        workload = make_workload(name, seed=seed, **options)
+        out["workloads"][name] = analyze_workload(workload, workers, steps, sizes)
+    if write:
+        out["json_path"] = str(write_json("zen_analysis", out))
+        if plot:
+            out["plot_path"] = str(plot_analysis(out, results_dir() / "zen_analysis.png"))
+    return out
+
+
+def plot_analysis(payload: dict[str, Any], path: Path) -> Path:
+    """Fig. 2 (overlap, gamma(n)) and Fig. 3 (shares of 8 parts, skewness vs parts)."""
+    import matplotlib  # optional: [bench]
+    import matplotlib.ticker  # optional: [bench]
+
+    matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+    import matplotlib.pyplot as plt  # optional: [bench]
+
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.2))
+    items = list(payload["workloads"].items())
+    for i, (name, data) in enumerate(items):
+        color = f"C{i}"
+        if data["overlaps"]:
+            axes[0].hist(
+                data["overlaps"],
+                bins=20,
+                range=(0, 1),
+                alpha=0.5,
+                color=color,
+                label=name,
+                density=True,
+            )
+        ns = [int(n) for n in data["by_n"]]
+        gammas = [data["by_n"][str(n)]["gamma"] for n in ns]
+        axes[1].plot(ns, gammas, "o-", color=color, label=name)
+        width = 0.8 / len(items)
+        xs = [p + i * width for p in range(SHARE_PARTS)]
+        axes[2].bar(xs, data["part_shares"], width=width, color=color, label=name)
+        axes[3].plot(data["skewness_parts"], data["skewness"], "o-", color=color, label=name)
+    ns = sorted({int(n) for _, d in items for n in d["by_n"]})
+    if ns:
+        axes[1].plot(ns, ns, "k--", label="no overlap (gamma = n)")
+    axes[0].set(
+        title="(a) overlap ratio of worker pairs", xlabel="overlap ratio", ylabel="density of pairs"
+    )
+    axes[1].set(
+        title="(b) densification gamma(n)", xlabel="n workers", ylabel="gamma", xscale="log"
+    )
+    axes[2].set(
+        title=f"(c) share of non-zeros in {SHARE_PARTS} equal parts", xlabel="part", ylabel="share"
+    )
+    axes[3].set(
+        title="(d) skewness ratio",
+        xlabel="equal parts",
+        ylabel="max part density / d",
+        xscale="log",
+        yscale="log",
+    )
+    if ns:
+        axes[1].set_xticks(ns, [str(n) for n in ns])
+        axes[1].minorticks_off()
+    axes[3].set_xticks(list(SKEW_PARTS), [str(k) for k in SKEW_PARTS])
+    axes[3].yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axes[3].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[3].minorticks_off()
+    for ax in axes:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
@@ -385,9 +597,6 @@ def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict
     The schemes take turns within each round, so a load spike on the machine
     (other jobs share its cores) hits them alike instead of one scheme's reps.
     """
-    from thrifty.comm import collectives
-    from thrifty.zen import AutoScheme, make_scheme, sync_sparse
-
     rank, n = dist.get_rank(), dist.get_world_size()
     rows = cell["sets"][rank].to(torch.int64)
     tensor = _sparse_tensor(rows, cell["num_rows"], cell["row_numel"], 1000 + rank)
@@ -417,9 +626,6 @@ def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict
 
 def _train_lstm(train: dict[str, Any], warmup: int, iters: int) -> dict[str, Any]:
     """The three configurations take turns, one iteration each (load spikes hit all alike)."""
-    from thrifty.sync import GradientSync
-    from thrifty.zen.workloads import LSTMLanguageModel
-
     rank, n = dist.get_rank(), dist.get_world_size()
     batches = train["batches"][rank].to(torch.int64)
     runs = {}

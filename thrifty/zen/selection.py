@@ -95,8 +95,11 @@ def choose_bp_or_hc_by_bytes(
     """The scheme with fewer predicted bytes, Zen's hash bitmap and HC's dense switch included."""
     if stats.world_size <= 1:
         return _BP
-    sizes = {"index_bytes": index_bytes, "value_bytes": value_bytes,
-             "values_per_index": values_per_index}  # fmt: skip
+    sizes = {
+        "index_bytes": index_bytes,
+        "value_bytes": value_bytes,
+        "values_per_index": values_per_index,
+    }
     bp = predict_wire_bytes(_BP, stats, **sizes).max_rank_bytes
     hc = predict_wire_bytes(_HC, stats, **sizes).max_rank_bytes
     return _BP if bp <= hc else _HC

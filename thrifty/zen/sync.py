@@ -1,7 +1,8 @@
 """``sync_sparse``: sum (or average) a sparse tensor over ranks with a chosen scheme.
 
-One entry point for all five schemes, so that callers (GradientSync, the
-benchmark, the demo) switch schemes by name::
+One entry point for all five schemes, so that callers (the benchmark, the
+demo) switch schemes by name; ``GradientSync`` calls the same path through
+each scheme object's ``sync`` method::
 
     grad = embedding.weight.grad                   # sparse COO, any duplicates
     synced = sync_sparse(grad, scheme="zen")       # averaged like DDP, sparse
@@ -18,6 +19,8 @@ What it does, whatever the scheme:
 3. sum over ranks with the scheme; every rank gets the bitwise-same result;
 4. divide by the world size when ``average`` (DDP's convention), and return a
    coalesced sparse COO tensor or a dense one.
+
+(Steps 1-4 are :func:`thrifty.zen.schemes.base.run_sync`.)
 """
 
 from __future__ import annotations
@@ -38,10 +41,8 @@ from thrifty.zen.schemes import (
     HierarchicalCentralization,
     SparseScheme,
 )
-from thrifty.zen.schemes.base import group_rank_and_size
+from thrifty.zen.schemes.base import Output, run_sync
 from thrifty.zen.selection import AutoScheme
-from thrifty.zen.sparse_rows import SparseRows, rows_from_dense
-from thrifty.zen.validation import SparseSyncError, check_inputs
 
 __all__ = ["SCHEMES", "SchemeName", "agree_seed", "make_scheme", "sync_sparse"]
 
@@ -57,9 +58,8 @@ SCHEMES: dict[str, type[SparseScheme]] = {
         AutoScheme,
     )
 }
-"""Scheme classes by the name :func:`sync_sparse` accepts."""
-
-Output = Literal["sparse", "dense"]
+"""Scheme classes by the name :func:`sync_sparse` accepts (and ``GradientSync`` once
+``thrifty.zen`` is imported: it registers each class as a factory)."""
 
 
 def make_scheme(name: str, **options: object) -> SparseScheme:
@@ -99,38 +99,12 @@ def sync_sparse(
     Raises:
         SparseSyncError: bad input on any rank; raised on every rank.
     """
-    local_error: Exception | None = None
+    error: Exception | None = None
     resolved: SparseScheme | None = None
     try:
         resolved = scheme if isinstance(scheme, SparseScheme) else make_scheme(scheme)
-        if output not in ("sparse", "dense"):
-            raise ValueError(f"output must be 'sparse' or 'dense', got {output!r}")
-    except (TypeError, ValueError) as exc:
-        local_error = exc
-    key = resolved.key() if resolved is not None and local_error is None else (0, 0, 0)
-    if check:
-        try:
-            check_inputs(tensor, group, key, scheme_error=local_error is not None)
-        except SparseSyncError as exc:
-            if local_error is not None:
-                raise SparseSyncError(f"{exc} (on this rank: {local_error})") from local_error
-            raise
-    elif local_error is not None:
-        raise local_error
-    assert resolved is not None
-
-    rows = SparseRows.from_sparse(tensor)
-    _, n = group_rank_and_size(group)
-    if n == 1 or rows.num_rows * rows.row_numel == 0:  # nothing to send; never alias the input
-        reduced: SparseRows | Tensor = rows.like(rows.indices.clone(), rows.values.clone())
-    else:
-        reduced = resolved.reduce(rows, group)
-    if isinstance(reduced, Tensor):  # a dense [num_rows, row_numel] sum
-        dense = reduced / n if average else reduced
-        if output == "dense":
-            return dense.reshape(rows.shape)
-        return rows_from_dense(dense, rows).to_sparse()
-    summed = reduced.like(reduced.indices, reduced.values / n if average else reduced.values)
-    if output == "dense":
-        return summed.to_dense_rows().reshape(rows.shape)
-    return summed.to_sparse()
+    except (TypeError, ValueError) as exc:  # raised on every rank by run_sync
+        error = exc
+    return run_sync(
+        resolved, tensor, group, average=average, output=output, check=check, error=error
+    )

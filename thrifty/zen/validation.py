@@ -28,15 +28,24 @@ MAX_DIMS = 8
 # error, dtype, sparse_dim, ndim, shape[MAX_DIMS], nnz, scheme key (3 words)
 METADATA_WORDS = 4 + MAX_DIMS + 1 + 3
 
+# Error codes a rank sends about its own input (0: none).
 _OK = 0
-(_NOT_TENSOR, _DENSE, _OTHER_LAYOUT, _BAD_DTYPE, _NON_FINITE, _TOO_MANY_DIMS, _BAD_SCHEME,
- _NOT_CPU) = range(1, 9)  # fmt: skip
+_NOT_TENSOR = 1
+_DENSE = 2
+_OTHER_LAYOUT = 3
+_BAD_DTYPE = 4
+_NON_FINITE = 5
+_TOO_MANY_DIMS = 6
+_BAD_SCHEME = 7
+_NOT_CPU = 8
 # Stable codes to name dtypes in messages on every rank; -1 for anything else.
+_OTHER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
 _DTYPES: tuple[torch.dtype, ...] = (
     *SUPPORTED_DTYPES,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    torch.complex64, torch.complex128,
-)  # fmt: skip
+    *_OTHER_DTYPES,
+    torch.complex64,
+    torch.complex128,
+)
 
 
 class SparseSyncError(ValueError):

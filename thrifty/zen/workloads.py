@@ -15,11 +15,12 @@ Three workloads, each a plain model plus the data it trains on:
   as a vocabulary built by counting would number them), labels from a hidden
   logistic teacher. Its shared ``nn.Embedding(sparse=True)`` gradient has one
   row per distinct (field, value) of the batch;
-* ``gpt_dgc``: the GPT-style transformer of :mod:`thrifty.bench.models` (a
-  smaller configuration, 4 layers of width 256, about 5.3M parameters) on the
-  same ShareGPT tokens (frequency ids above 8190 folded into one
-  out-of-vocabulary id), its flat gradient sparsified by DGC at 1% with DGC's
-  momentum correction (:class:`thrifty.compressors.memory.DGCMemory`).
+* ``gpt_dgc``: a GPT-style transformer (the benchmark gives the one of
+  :mod:`thrifty.bench.models` as ``gpt_model``, in a smaller configuration:
+  4 layers of width 256, about 5.3M parameters) on the same ShareGPT tokens
+  (frequency ids above 8190 folded into one out-of-vocabulary id), its flat
+  gradient sparsified by DGC at 1% with DGC's momentum correction
+  (:class:`thrifty.compressors.memory.DGCMemory`).
 
 :func:`simulate_index_sets` trains a workload for a few steps as ``n``
 data-parallel workers in one process (each worker its own shard of the data,
@@ -30,6 +31,9 @@ a chosen density (the embedding workloads: the shortest batch of the worker's
 shard whose distinct rows reach it; ``gpt_dgc``: top-k of the first step's
 gradient, which is what DGC sends on its first step) and ``uniform`` random
 rows as the adversarial case, for the benchmark.
+
+Library code: it imports no benchmark module, so the GPT model comes from the
+caller (``gpt_model``); :mod:`thrifty.zen.benchmark` passes the harness's.
 """
 
 from __future__ import annotations
@@ -47,12 +51,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from thrifty.compressors import get_compressor
+from thrifty.compressors.memory import DGCMemory
+from thrifty.compressors.sparsifiers import sample_indices
+from thrifty.data import sharegpt_token_ids
+
 __all__ = [
     "CL100K_VOCAB",
     "DEEPFM_FIELDS",
     "WORKLOADS",
     "DeepFM",
     "FrequencyVocabulary",
+    "GPTBuilder",
     "LSTMLanguageModel",
     "Workload",
     "ZipfFeatures",
@@ -90,8 +100,6 @@ def sharegpt_tokens(max_tokens: int = 2_000_000, cache: bool = True) -> Tensor:
     path = _cache_dir() / f"sharegpt_cl100k_{max_tokens}.pt"
     if cache and path.exists():
         return torch.load(path)
-    from thrifty.data import sharegpt_token_ids
-
     tokens = torch.tensor(sharegpt_token_ids(max_tokens), dtype=torch.int64)
     if tokens.numel() < max_tokens:
         log.warning("ShareGPT gave %d tokens, fewer than the %d asked", tokens.numel(), max_tokens)
@@ -308,9 +316,14 @@ def _lstm_workload(batch: int, seq_len: int, seed: int, max_tokens: int) -> Work
         "lstm",
         f"LSTM LM, nn.Embedding({vocab.size}, 64, sparse=True), ShareGPT cl100k, "
         f"batch {batch}x{seq_len} tokens per worker",
-        model, vocab.size, 64, loss, lambda w: _embedding_rows(model.embedding.weight), lr=0.5,
+        model=model,
+        num_rows=vocab.size,
+        row_numel=64,
+        loss=loss,
+        sparse_rows=lambda w: _embedding_rows(model.embedding.weight),
+        lr=0.5,
         state={"ranked": ranked},
-    )  # fmt: skip
+    )
 
 
 def _deepfm_workload(batch: int, seed: int) -> Workload:
@@ -328,9 +341,14 @@ def _deepfm_workload(batch: int, seed: int) -> Workload:
         "deepfm",
         f"DeepFM, 26 Zipf(1.1) fields, nn.Embedding({rows}, 16, sparse=True), "
         f"batch {batch} per worker",
-        model, rows, 16, loss, lambda w: _embedding_rows(model.embedding.weight), lr=0.05,
+        model=model,
+        num_rows=rows,
+        row_numel=16,
+        loss=loss,
+        sparse_rows=lambda w: _embedding_rows(model.embedding.weight),
+        lr=0.05,
         state={"data": data},
-    )  # fmt: skip
+    )
 
 
 UNIFORM_ROWS = 4 << 20
@@ -339,19 +357,24 @@ UNIFORM_ROWS = 4 << 20
 GPT_CONFIG = {"vocab_size": 8192, "n_layer": 4, "n_head": 4, "n_embd": 256, "block_size": 128}
 """The GPT-style model's size here: about 5.3M parameters (the default is 19M)."""
 
+GPTBuilder = Callable[..., nn.Module]
+"""``gpt_model(**GPT_CONFIG)``: a GPT-style model whose ``model(x, y)[1]`` is the loss."""
+
 
 def _gpt_workload(
-    batch: int, seq_len: int, seed: int, max_tokens: int, ratio: float, config: dict[str, int]
+    batch: int,
+    seq_len: int,
+    seed: int,
+    max_tokens: int,
+    ratio: float,
+    config: dict[str, int],
+    gpt_model: GPTBuilder,
 ) -> Workload:
-    from thrifty.bench.models import build_model
-    from thrifty.compressors import get_compressor
-    from thrifty.compressors.memory import DGCMemory
-
     tokens = sharegpt_tokens(max_tokens)
     vocab = config["vocab_size"]
     ranked = FrequencyVocabulary.fit(tokens).encode(tokens, max_id=vocab - 1)
     torch.manual_seed(seed)
-    model = build_model("gpt", **config)
+    model = gpt_model(**config)
     params = [p for p in model.parameters() if p.requires_grad]
     numel = sum(p.numel() for p in params)
     compressor = get_compressor("dgc", ratio=ratio)
@@ -378,8 +401,14 @@ def _gpt_workload(
         "gpt_dgc",
         f"GPT-style ({numel / 1e6:.1f}M parameters), ShareGPT tokens, DGC top-{ratio:.0%} "
         f"with momentum correction, batch {batch}x{seq_len} per worker",
-        model, numel, 1, loss, sparse_rows, lr=0.05, state={"ranked": ranked},
-    )  # fmt: skip
+        model=model,
+        num_rows=numel,
+        row_numel=1,
+        loss=loss,
+        sparse_rows=sparse_rows,
+        lr=0.05,
+        state={"ranked": ranked},
+    )
 
 
 WORKLOADS = ("lstm", "deepfm", "gpt_dgc")
@@ -394,15 +423,25 @@ def make_workload(
     max_tokens: int = 2_000_000,
     dgc_ratio: float = 0.01,
     gpt_config: dict[str, int] | None = None,
+    gpt_model: GPTBuilder | None = None,
 ) -> Workload:
-    """One of :data:`WORKLOADS`; default batches: 32 sequences (LSTM), 8 (GPT), 1024 samples."""
+    """One of :data:`WORKLOADS`; default batches: 32 sequences (LSTM), 8 (GPT), 1024 samples.
+
+    ``gpt_dgc`` needs ``gpt_model`` (see :data:`GPTBuilder`), called with
+    :data:`GPT_CONFIG` updated by ``gpt_config``.
+    """
     if name == "lstm":
         return _lstm_workload(batch or 32, seq_len, seed, max_tokens)
     if name == "deepfm":
         return _deepfm_workload(batch or 1024, seed)
     if name == "gpt_dgc":
+        if gpt_model is None:
+            raise ValueError(
+                "the gpt_dgc workload needs gpt_model, a builder of a GPT-style model "
+                "(thrifty.zen.benchmark passes thrifty.bench.models' GPT)"
+            )
         config = {**GPT_CONFIG, **(gpt_config or {})}
-        return _gpt_workload(batch or 8, seq_len, seed, max_tokens, dgc_ratio, config)
+        return _gpt_workload(batch or 8, seq_len, seed, max_tokens, dgc_ratio, config, gpt_model)
     raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
 
 
@@ -466,15 +505,16 @@ def index_sets_at_density(
     ``gpt_dgc``: the top ``density`` of the worker's first-step GPT gradient
     (DGC's first selection); ``uniform``: uniformly random rows of a 4M-element
     vector (the adversarial case, no overlap beyond chance, no skew).
-    ``gpt_options`` (``batch``, ``seq_len``, ``gpt_config``) go to :func:`make_workload`.
+    ``gpt_options`` (``gpt_model``, needed; ``batch``, ``seq_len``, ``gpt_config``)
+    go to :func:`make_workload`.
     """
     if name == "lstm":
         tokens = sharegpt_tokens(max_tokens)
         vocab = FrequencyVocabulary.fit(tokens)
         ranked = vocab.encode(tokens)
         count = round(density * vocab.size)
-        sets = [_first_distinct(_shard(ranked, w, workers), count, vocab.size)
-                for w in range(workers)]  # fmt: skip
+        shards = [_shard(ranked, w, workers) for w in range(workers)]
+        sets = [_first_distinct(shard, count, vocab.size) for shard in shards]
         return _checked(sets, count, name), vocab.size, 64
     if name == "deepfm":
         rows = sum(DEEPFM_FIELDS)
@@ -499,8 +539,6 @@ def index_sets_at_density(
         sets = [torch.sort(torch.topk(m, count, sorted=False).indices).values for m in magnitudes]
         return sets, magnitudes[0].numel(), 1
     if name == "uniform":
-        from thrifty.compressors.sparsifiers import sample_indices
-
         rows = UNIFORM_ROWS
         count = round(density * rows)
         sets = []
@@ -537,6 +575,7 @@ def _gpt_first_gradients(
 def _checked(sets: list[Tensor], count: int, name: str) -> list[Tensor]:
     short = [i for i, s in enumerate(sets) if s.numel() < count]
     if short:
-        log.warning("%s: workers %s have fewer than %d distinct rows in their data",
-                    name, short, count)  # fmt: skip
+        log.warning(
+            "%s: workers %s have fewer than %d distinct rows in their data", name, short, count
+        )
     return sets

@@ -108,10 +108,10 @@ class BalancedParallelism(SparseScheme):
         gathered = collectives.all_gather_v(message, group=group)
         indices, values = [], []
         for owner, buffer in enumerate(gathered):  # type: ignore[arg-type]
+            size = h0.list_size(owner)
             pos, vals = decode_pull(
-                buffer, h0.list_size(owner), rows.row_numel, rows.dtype, index_dtype,
-                self.pull_format,
-            )  # fmt: skip
+                buffer, size, rows.row_numel, rows.dtype, index_dtype, self.pull_format
+            )
             indices.append(h0.rows(owner, pos))
             values.append(vals)
         all_indices, order = torch.sort(torch.cat(indices))

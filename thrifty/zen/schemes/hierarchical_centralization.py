@@ -71,8 +71,8 @@ class HierarchicalCentralization(SparseScheme):
         core = 1 << (n.bit_length() - 1)  # largest power of two <= n
         extra = n - core
         if extra:  # fold ranks core.. into 0..extra-1
-            got = _exchange(run, group, n, to=rank - core if rank >= core else None,
-                            source=rank + core if rank < extra else None)  # fmt: skip
+            to = rank - core if rank >= core else None
+            got = _exchange(run, group, n, to=to, source=rank + core if rank < extra else None)
             if got is not None:
                 run.add(got)
         distance = 1
@@ -83,8 +83,8 @@ class HierarchicalCentralization(SparseScheme):
                 run.add(got)
             distance *= 2
         if extra:  # unfold: the folded ranks receive the finished sum
-            got = _exchange(run, group, n, to=rank + core if rank < extra else None,
-                            source=rank - core if rank >= core else None)  # fmt: skip
+            to = rank + core if rank < extra else None
+            got = _exchange(run, group, n, to=to, source=rank - core if rank >= core else None)
             if got is not None:
                 run.replace(got)
         return run.result()
