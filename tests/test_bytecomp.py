@@ -9,16 +9,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from thrifty.bytecomp import (
-    Constraints,
-    brute_force,
-    compressions,
-    decide,
-    gpu_options,
-    make_units,
-    options,
-    zero_cost_profile,
-)
+from thrifty.bytecomp import Constraints, decide, zero_cost_profile
+from thrifty.bytecomp.decide import brute_force, make_units
+from thrifty.bytecomp.tree import compressions, gpu_options, options
 from thrifty.comm import NetworkModel, Topology
 from thrifty.sync import Group, Plan, Strategy
 from thrifty.sync.profile import CompressionCost, Profile, TensorProfile

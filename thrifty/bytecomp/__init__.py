@@ -9,35 +9,18 @@
 
 from __future__ import annotations
 
-from thrifty.bytecomp.decide import (
-    AUTO_BUCKETS,
-    Decision,
-    Unit,
-    brute_force,
-    decide,
-    iteration_times,
-    make_units,
-    zero_cost_profile,
-)
+from thrifty.bytecomp.decide import Decision, decide, zero_cost_profile
 from thrifty.bytecomp.online import ByteComp, ByteCompTuner, fit_topology
-from thrifty.bytecomp.tree import Constraints, compressions, gpu_options, options
+from thrifty.bytecomp.tree import Constraints
 from thrifty.sync import register_planner
 
 __all__ = [
-    "AUTO_BUCKETS",
     "ByteComp",
     "ByteCompTuner",
     "Constraints",
     "Decision",
-    "Unit",
-    "brute_force",
-    "compressions",
     "decide",
     "fit_topology",
-    "gpu_options",
-    "iteration_times",
-    "make_units",
-    "options",
     "zero_cost_profile",
 ]
 

@@ -7,13 +7,8 @@
 
 from __future__ import annotations
 
-from thrifty.mergecomp.online import MergeComp, MergeCompTuner, Trial
-from thrifty.mergecomp.search import (
-    Partition,
-    candidate_partitions,
-    optimal_partition,
-    partition_time,
-)
+from thrifty.mergecomp.online import MergeComp, MergeCompTuner
+from thrifty.mergecomp.search import Partition, optimal_partition, partition_time
 from thrifty.mergecomp.search import schedule_plan as schedule
 from thrifty.sync import register_planner
 
@@ -21,8 +16,6 @@ __all__ = [
     "MergeComp",
     "MergeCompTuner",
     "Partition",
-    "Trial",
-    "candidate_partitions",
     "optimal_partition",
     "partition_time",
     "schedule",
