@@ -20,6 +20,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch.distributed as dist
 
@@ -99,6 +100,42 @@ class ByteCompTuner:
         self.decision: Decision | None = None
         self.search_seconds = 0.0
         self._ready: dict[str, list[float]] = {}
+        self._start = sync.iterations  # warm-up counts from here (a restarted decision)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The decision in plain values, so that a resumed job does not profile again."""
+        d = self.decision
+        if d is None:
+            return {"decision": None, "search_seconds": self.search_seconds}
+        decision = {
+            "plan": d.plan.to_dict(),
+            "predicted": d.predicted,
+            "baseline": d.baseline,
+            "bucket_bytes": d.bucket_bytes,
+            "evaluations": d.evaluations,
+        }
+        return {"decision": decision, "search_seconds": self.search_seconds}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: a decision stays made; one not made yet starts its warm-up again."""
+        saved = state["decision"]
+        if saved is None:
+            self._ready = {}
+            self._start = self.sync.iterations
+            if self not in self.sync.iteration_callbacks:
+                self.sync.iteration_callbacks.append(self)
+            self.sync.set_plan(Plan.whole_model(self.sync.backward_order, Strategy()))
+            return
+        self.decision = Decision(
+            Plan.from_dict(saved["plan"]),
+            float(saved["predicted"]),
+            float(saved["baseline"]),
+            int(saved["bucket_bytes"]),
+            int(saved["evaluations"]),
+        )
+        self.search_seconds = float(state["search_seconds"])
+        if self in self.sync.iteration_callbacks:
+            self.sync.iteration_callbacks.remove(self)
 
     @property
     def chosen(self) -> Decision | None:  # the benchmark's "search finished" flag
@@ -107,7 +144,7 @@ class ByteCompTuner:
     def __call__(self, sync: GradientSync) -> None:
         for name, t in sync.ready_times.items():
             self._ready.setdefault(name, []).append(t)
-        if sync.iterations < self.config.warmup:
+        if sync.iterations - self._start < self.config.warmup:
             return
         started = time.perf_counter()
         topology = self.config.topology or fit_topology(sync)

@@ -26,12 +26,13 @@ Two ways to move a compressed tensor, and what the engine may rely on:
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Generator, Hashable, Sequence
+from collections.abc import Generator, Hashable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -92,6 +93,35 @@ INDEX_DTYPE = torch.int32
 def key_name(key: Hashable) -> str:
     """How a tensor key is named in messages."""
     return "<unnamed>" if key is None else repr(key)
+
+
+def encode_key(key: Hashable) -> str:
+    """A tensor key as text, for state dicts (their keys must be strings).
+
+    Keys are ``None``, ints, strings and tuples of them (the engine uses a
+    group index, ``(index, "shard", j)`` and ``(index, "reduced")``);
+    :func:`decode_key` gives the key back.
+    """
+
+    def plain(k: Hashable) -> object:
+        if isinstance(k, tuple):
+            return [plain(part) for part in k]
+        if k is None or isinstance(k, int | str | float | bool):
+            return k
+        raise TypeError(f"cannot save state of tensor key {k!r}: use ints, strings or tuples")
+
+    return json.dumps(plain(key))
+
+
+def decode_key(text: str) -> Hashable:
+    """The key :func:`encode_key` wrote."""
+
+    def hashable(value: object) -> Hashable:
+        if isinstance(value, list):
+            return tuple(hashable(v) for v in value)
+        return value  # type: ignore[return-value]
+
+    return hashable(json.loads(text))
 
 
 def stable_key_hash(key: Hashable) -> int:
@@ -310,6 +340,54 @@ class Compressor(ABC):
     # ------------------------------------------------------------------- state
     def reset_state(self, key: Hashable = None) -> None:  # noqa: B027 - stateless default
         """Forget per-tensor state for ``key`` (all keys when ``None``)."""
+
+    def state_keys(self) -> list[Hashable]:
+        """The keys this compressor keeps state for (none for stateless ones)."""
+        return []
+
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        """The state kept for ``key``, as tensors (only what exists yet).
+
+        Stateful compressors (PowerSGD's Q, Random-k's shared-seed step,
+        Signum's momentum) override this, :meth:`import_state` and
+        :meth:`state_template`, so that a checkpoint resumes them exactly.
+        """
+        return {}
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:  # noqa: B027
+        """Install state in the format :meth:`export_state` returns."""
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        """Zeros shaped like every state :meth:`export_state` may return for ``key``.
+
+        For a tensor of ``numel`` elements. Checkpoint formats that load into
+        a template (``torch.distributed.checkpoint``) need every entry to exist
+        before the first step has created it.
+        """
+        return {}
+
+    def extra_state(self) -> dict[str, Tensor]:
+        """State not tied to a key (e.g. DGC's warm-up step), as tensors."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:  # noqa: B027
+        """Install what :meth:`extra_state` returned."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this compressor carries across steps: tensors and strings only.
+
+        ``torch.save`` it with a checkpoint; ``torch.load(..., weights_only=True)``
+        reads it back.
+        """
+        keys = {encode_key(k): self.export_state(k) for k in self.state_keys()}
+        return {"keys": keys, "extra": self.extra_state()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (state of other keys is dropped)."""
+        self.reset_state()
+        for text, tensors in state.get("keys", {}).items():
+            self.import_state(decode_key(text), tensors)
+        self.load_extra_state(state.get("extra", {}))
 
     # -------------------------------------------------------------- internals
     def _prepare(self, x: Tensor, key: Hashable) -> Tensor:

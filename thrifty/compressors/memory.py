@@ -15,12 +15,13 @@ changes. ``compensate`` always returns a fresh tensor the caller may keep.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Hashable
+from collections.abc import Hashable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from thrifty.compressors.base import key_name
+from thrifty.compressors.base import decode_key, encode_key, key_name
 
 
 def _flat_float32(x: Tensor) -> Tensor:
@@ -59,6 +60,28 @@ class Memory(ABC):
 
     def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:  # noqa: B027
         """Install state in the format :meth:`export_state` returns."""
+
+    def state_keys(self) -> list[Hashable]:
+        """The keys this memory keeps state for."""
+        return []
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        """Zeros shaped like every state :meth:`export_state` may return for ``numel`` elements.
+
+        Checkpoint formats that load into a template
+        (``torch.distributed.checkpoint``) need each entry before it exists.
+        """
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Every key's state (tensors, keys as text): ``torch.save`` it with a checkpoint."""
+        return {"keys": {encode_key(k): self.export_state(k) for k in self.state_keys()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (state of other keys is dropped)."""
+        self.reset()
+        for text, tensors in state.get("keys", {}).items():
+            self.import_state(decode_key(text), tensors)
 
     def __repr__(self) -> str:
         fields = ", ".join(
@@ -126,7 +149,13 @@ class ResidualMemory(Memory):
 
     def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
         if "residual" in state:
-            self._residuals[key] = state["residual"].reshape(-1).to(torch.float32)
+            self._residuals[key] = state["residual"].reshape(-1).to(torch.float32, copy=True)
+
+    def state_keys(self) -> list[Hashable]:
+        return list(self._residuals)
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        return {"residual": torch.zeros(numel)}
 
 
 class DGCMemory(Memory):
@@ -215,5 +244,11 @@ class DGCMemory(Memory):
 
     def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
         if "momentum" in state and "velocity" in state:
-            self._momenta[key] = state["momentum"].reshape(-1).to(torch.float32)
-            self._velocities[key] = state["velocity"].reshape(-1).to(torch.float32)
+            self._momenta[key] = state["momentum"].reshape(-1).to(torch.float32, copy=True)
+            self._velocities[key] = state["velocity"].reshape(-1).to(torch.float32, copy=True)
+
+    def state_keys(self) -> list[Hashable]:
+        return [k for k in self._momenta if k in self._velocities]
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        return {"momentum": torch.zeros(numel), "velocity": torch.zeros(numel)}

@@ -212,6 +212,36 @@ class PowerSGD(Compressor):
         self._shared_q[key] = q_sum
         return (p_hat @ q_sum.T).reshape(-1)[:numel]
 
+    def state_keys(self) -> list[Hashable]:
+        return list(dict.fromkeys([*self._local_q, *self._shared_q, *self._steps]))
+
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        state = {}
+        if key in self._local_q:
+            state["local_q"] = self._local_q[key]
+        if key in self._shared_q:
+            state["shared_q"] = self._shared_q[key]
+        if key in self._steps:
+            state["step"] = torch.tensor(self._steps[key], dtype=torch.int64)
+        return state
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
+        if "local_q" in state:
+            self._local_q[key] = state["local_q"].to(torch.float32, copy=True)
+        if "shared_q" in state:
+            self._shared_q[key] = state["shared_q"].to(torch.float32, copy=True)
+        if "step" in state:
+            self._steps[key] = int(state["step"])
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        template = {"step": torch.zeros((), dtype=torch.int64)}
+        if self.compresses(numel):
+            n, m = self.matrix_shape(numel)
+            r = min(self.rank, n, m)
+            template["local_q"] = torch.zeros(m, r)
+            template["shared_q"] = torch.zeros(m, r)
+        return template
+
     def reset_state(self, key: Hashable = None) -> None:
         for store in (self._local_q, self._shared_q, self._steps):
             if key is None:

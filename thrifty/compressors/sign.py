@@ -129,6 +129,19 @@ class Signum(SignSGD):
         self._momenta[key] = momentum
         return momentum
 
+    def state_keys(self) -> list[Hashable]:
+        return list(self._momenta)
+
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        return {"momentum": self._momenta[key]} if key in self._momenta else {}
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
+        if "momentum" in state:
+            self._momenta[key] = state["momentum"].reshape(-1).to(torch.float32, copy=True)
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        return {"momentum": torch.zeros(numel)}
+
     def reset_state(self, key: Hashable = None) -> None:
         if key is None:
             self._momenta.clear()

@@ -259,6 +259,23 @@ class RandomK(_IndexedSparsifier):
         summed = yield Reduce(values, "sum")
         return _scatter(summed, self._indices_for(key, flat.numel()), flat.numel())
 
+    # The shared indices live from compress to decompress of one step: only the
+    # step counter (which draw comes next) is carried across steps.
+    def state_keys(self) -> list[Hashable]:
+        return list(self._steps)
+
+    def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
+        if key not in self._steps:
+            return {}
+        return {"step": torch.tensor(self._steps[key], dtype=torch.int64)}
+
+    def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
+        if "step" in state:
+            self._steps[key] = int(state["step"])
+
+    def state_template(self, key: Hashable, numel: int) -> dict[str, Tensor]:
+        return {"step": torch.zeros((), dtype=torch.int64)}
+
     def reset_state(self, key: Hashable = None) -> None:
         if key is None:
             self._steps.clear()
@@ -373,6 +390,18 @@ class DGC(_IndexedSparsifier):
 
     def k_for(self, numel: int) -> int:
         return sparse_count(self.density, numel)
+
+    def extra_state(self) -> dict[str, Tensor]:
+        return {
+            "step": torch.tensor(self._step, dtype=torch.int64),
+            "exact_fallbacks": torch.tensor(self._exact_fallbacks, dtype=torch.int64),
+        }
+
+    def load_extra_state(self, state: dict[str, Tensor]) -> None:
+        if "step" in state:
+            self._step = int(state["step"])
+        if "exact_fallbacks" in state:
+            self._exact_fallbacks = int(state["exact_fallbacks"])
 
     @property
     def bits_per_element(self) -> float:

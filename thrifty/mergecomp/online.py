@@ -96,6 +96,11 @@ class MergeCompTuner:
 
     def __init__(self, sync: GradientSync, strategy: Strategy, config: MergeComp) -> None:
         self.sync, self.strategy, self.config = sync, strategy, config
+        self._reset()
+
+    def _reset(self) -> None:
+        """A search not started yet, whose warm-up counts from the engine's next iteration."""
+        sync = self.sync
         self.trials: list[Trial] = []
         self.chosen: Trial | None = None
         self.search_seconds = 0.0
@@ -108,6 +113,40 @@ class MergeCompTuner:
         self._online: Generator[tuple[int, ...], float, None] | None = None
         self._names: list[str] = []
         self._confirming = False
+        self._start = sync.iterations  # warm-up counts from here (a restarted search)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The search's outcome in plain values, so that a resumed job does not search again.
+
+        ``GradientSync.state_dict`` saves it with the chosen plan.
+        """
+        return {
+            "chosen": _trial_dict(self.chosen),
+            "names": list(self._names),
+            "trials": [_trial_dict(t) for t in self.trials],
+            "search_seconds": self.search_seconds,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: a finished search stays finished; one cut short starts again.
+
+        A search interrupted before it chose restarts from its warm-up on the
+        whole-model plan (its trial plans measured nothing that survives).
+        """
+        if state["chosen"] is None:
+            self._reset()
+            if self not in self.sync.iteration_callbacks:
+                self.sync.iteration_callbacks.append(self)
+            self.sync.set_plan(Plan.whole_model(self.sync.backward_order, self.strategy))
+            return
+        self.trials = [_trial_from(t) for t in state["trials"]]
+        self.chosen = _trial_from(state["chosen"])
+        self._names = list(state["names"])
+        self.search_seconds = float(state["search_seconds"])
+        if self in self.sync.iteration_callbacks:
+            self.sync.iteration_callbacks.remove(self)
 
     # ------------------------------------------------------------------ callback
 
@@ -117,10 +156,10 @@ class MergeCompTuner:
         self._last_end = now
         if self.chosen is not None:
             return
-        if sync.iterations <= self.config.warmup:
+        if sync.iterations - self._start <= self.config.warmup:
             for name, t in sync.ready_times.items():
                 self._ready.setdefault(name, []).append(t)
-            if sync.iterations == self.config.warmup:
+            if sync.iterations - self._start == self.config.warmup:
                 started = time.perf_counter()
                 self._start_search()
                 self.search_seconds += time.perf_counter() - started
@@ -224,6 +263,20 @@ class MergeCompTuner:
             mean,
             "n/a" if predicted is None else f"{predicted:.4f}s",
         )
+
+
+def _trial_dict(trial: Trial | None) -> dict[str, Any] | None:
+    if trial is None:
+        return None
+    return {
+        "lengths": list(trial.lengths),
+        "predicted": trial.predicted,
+        "measured": trial.measured,
+    }
+
+
+def _trial_from(data: dict[str, Any]) -> Trial:
+    return Trial(tuple(data["lengths"]), data["predicted"], data["measured"])
 
 
 def _binary_search(n: int, budget: int) -> Generator[tuple[int, ...], float, None]:

@@ -5,11 +5,13 @@ carries it; :class:`GradientSync` runs a plan during ``backward()``. Planners
 (MergeComp, ByteComp) and sparse schemes (Zen) live in the systems above and reach
 the engine as objects, or by name through the registries those systems fill when
 imported (:func:`register_planner`, :func:`register_sparse_scheme`); the engine
-never imports a system.
+never imports a system. Ranks that disagree about the model, compressor or plan
+get the same :class:`RankMismatchError` on every rank, at construction.
 """
 
 from __future__ import annotations
 
+from thrifty.comm.agreement import RankMismatchError
 from thrifty.sync.engine import (
     GradientSync,
     Planner,
@@ -24,6 +26,7 @@ __all__ = [
     "Group",
     "Plan",
     "Planner",
+    "RankMismatchError",
     "SparseSync",
     "Strategy",
     "register_planner",

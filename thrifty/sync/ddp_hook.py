@@ -8,22 +8,36 @@ aggregated. Multi-round compressors (PowerSGD, TernGrad with scaler sharing,
 the int8 sign vote) run their rounds inside the hook, without overlap; prefer
 PyTorch's own ``powerSGD_hook`` or :class:`~thrifty.sync.GradientSync` for those.
 
+On its first call the hook checks that every rank uses the same compressor,
+options, memory and world size (one all-gather of a 32-byte digest; DDP has
+checked the parameters already) and raises the same
+:class:`~thrifty.comm.agreement.RankMismatchError` on every rank otherwise.
+``state.state_dict()`` carries error feedback and compressor state into a
+checkpoint.
+
 Example::
 
     ddp = DistributedDataParallel(model)
     state = CompressionHookState("topk", ratio=0.01)
     ddp.register_comm_hook(state, compression_hook)
+    ...
+    torch.save({"model": ddp.state_dict(), "hook": state.state_dict()}, path)
 """
 
 # No `from __future__ import annotations` here: DDP inspects the hook's
 # signature and insists that `bucket` is annotated with the real dist.GradBucket.
+import json
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from thrifty.comm import collectives
+from thrifty.comm.agreement import Entry, check_agreement
+from thrifty.compressors.base import decode_key, encode_key
 from thrifty.sync.plan import Strategy, has_feedback
+
+_STATE_FORMAT = "thrifty.CompressionHookState/1"
 
 __all__ = ["CompressionHookState", "compression_hook"]
 
@@ -35,10 +49,19 @@ class CompressionHookState:
         compressor: registry name, e.g. ``"fp16"`` or ``"topk"``.
         process_group: defaults to the world.
         memory: error feedback (``"default"``, ``"none"``, ``"residual"``, ``"dgc"``).
+        check: on the hook's first call, check that every rank agrees on the
+            compressor, its options, the memory, the world size and the first
+            bucket (one small all-gather), raising the same
+            :class:`~thrifty.comm.agreement.RankMismatchError` on every rank.
         **options: the compressor's keyword arguments.
 
-    Error feedback is kept per bucket, keyed by (bucket index, size): DDP
-    rebuilds its buckets after the first iteration, which starts fresh state.
+    Error feedback is kept per bucket, keyed by (bucket index, size). DDP
+    rebuilds its buckets after the first iteration, in the order gradients
+    became ready: a bucket may then hold the same parameters in another order
+    (or others). Each parameter's part of the error feedback moves with it to
+    its new place (the hook tracks every bucket's layout), so no residual is
+    applied to the wrong element; the same happens when a resumed job's first
+    buckets differ from the saved ones.
     """
 
     def __init__(
@@ -46,6 +69,8 @@ class CompressionHookState:
         compressor: str,
         process_group: dist.ProcessGroup | None = None,
         memory: str = "default",
+        *,
+        check: bool = True,
         **options: Any,
     ) -> None:
         self.strategy = Strategy.make(compressor, None, memory, **options)
@@ -53,6 +78,113 @@ class CompressionHookState:
         self.memory = self.strategy.build_memory()
         self.process_group = process_group
         self.ledger = collectives.CommLedger()
+        self.checked = not check
+        # A parameter's tag is its place in the first bucket it was seen in: DDP
+        # builds its first buckets from the model alone, so tags are the same in
+        # every process (a resumed one too); ids are not.
+        self._tags: dict[int, str] = {}
+        self._layouts: dict[Any, list[tuple[str, int]]] = {}  # key -> [(tag, numel)]
+
+    def follow_layout(self, key: Any, bucket: dist.GradBucket) -> None:
+        """Move error feedback when the bucket under ``key`` holds other parameters than before."""
+        params = bucket.parameters()
+        for position, p in enumerate(params):
+            self._tags.setdefault(id(p), f"{bucket.index()}:{position}")
+        layout = [(self._tags[id(p)], p.numel()) for p in params]
+        previous = self._layouts.get(key)
+        self._layouts[key] = layout
+        if previous is None or previous == layout or not has_feedback(self.memory):
+            return
+        assert self.memory is not None
+        old = self.memory.export_state(key)
+        if not old:
+            return
+        segments: dict[str, dict[str, torch.Tensor]] = {}
+        offset = 0
+        for tag, numel in previous:
+            segments[tag] = {kind: t[offset : offset + numel] for kind, t in old.items()}
+            offset += numel
+        moved = {
+            kind: torch.cat(
+                [
+                    segments[tag][kind] if tag in segments else torch.zeros(numel)
+                    for tag, numel in layout
+                ]
+            )
+            for kind in old
+        }
+        self.memory.reset(key)
+        self.memory.import_state(key, moved)
+
+    def check_ranks_agree(self, bucket_numel: int, bucket_dtype: torch.dtype) -> None:
+        """Every rank uses the same compressor set-up (the hook calls this once)."""
+        hint = "pass the same compressor and options to CompressionHookState on every rank"
+        options = ", ".join(f"{k}={v!r}" for k, v in self.strategy.options) or "none"
+        entries = [
+            Entry("world size", str(dist.get_world_size(self.process_group))),
+            Entry("compressor", str(self.strategy.compressor), hint),
+            Entry("compressor configuration", options, hint),
+            Entry("memory", self.strategy.memory, hint),
+            Entry("first bucket", f"{bucket_numel} elements of {bucket_dtype}"),
+        ]
+        check_agreement(entries, self.process_group, "compression_hook")
+        self.checked = True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Error feedback and compressor state of this rank, for a checkpoint.
+
+        Tensors, strings and ints only (``torch.load(..., weights_only=True)``
+        reads it). Each rank's state sits under its rank, so states saved by
+        every rank can be merged into one dict.
+        """
+        rank = dist.get_rank(self.process_group)
+        assert self.compressor is not None
+        mine = {"compressor": self.compressor.state_dict()}
+        if self.memory is not None:
+            mine["memory"] = self.memory.state_dict()
+        mine["layouts"] = json.dumps([[encode_key(k), v] for k, v in self._layouts.items()])
+        return {
+            "format": _STATE_FORMAT,
+            "world_size": dist.get_world_size(self.process_group),
+            "strategy": json.dumps(self.strategy.to_dict(), sort_keys=True, default=repr),
+            "ranks": {str(rank): mine},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` of a hook state built the same way.
+
+        Raises:
+            ValueError: another world size, another compressor set-up, or not
+                such a state at all.
+        """
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"not a CompressionHookState state dict ({_STATE_FORMAT!r})")
+        world = dist.get_world_size(self.process_group)
+        if int(state["world_size"]) != world:
+            raise ValueError(
+                f"CompressionHookState was saved by {state['world_size']} ranks, this job has "
+                f"{world}: error feedback is kept per rank and cannot be resharded"
+            )
+        strategy = json.dumps(self.strategy.to_dict(), sort_keys=True, default=repr)
+        if state["strategy"] != strategy:
+            raise ValueError(
+                f"CompressionHookState was saved with {state['strategy']}, this one is "
+                f"{strategy}: build it with the same compressor, options and memory"
+            )
+        rank = dist.get_rank(self.process_group)
+        mine = state["ranks"].get(str(rank))
+        if mine is None:
+            raise ValueError(f"CompressionHookState holds no state of rank {rank}")
+        assert self.compressor is not None
+        self.compressor.load_state_dict(mine["compressor"])
+        if self.memory is not None and "memory" in mine:
+            self.memory.load_state_dict(mine["memory"])
+        # The saved buckets' layouts: where this job's buckets differ (its first
+        # ones, before DDP rebuilds them), the hook moves the state to match.
+        self._layouts = {
+            decode_key(k): [(tag, numel) for tag, numel in v]
+            for k, v in json.loads(mine.get("layouts", "[]"))
+        }
 
 
 def compression_hook(
@@ -62,9 +194,12 @@ def compression_hook(
     group = state.process_group
     n = dist.get_world_size(group)
     buffer = bucket.buffer()
+    if not state.checked:  # once: mismatched set-ups would abort gloo or average nonsense
+        state.check_ranks_agree(buffer.numel(), buffer.dtype)
     compressor = state.compressor
     assert compressor is not None
     key = (bucket.index(), buffer.numel())
+    state.follow_layout(key, bucket)
     flat = buffer.to(torch.float32)
     compensated = state.memory.compensate(flat, key) if has_feedback(state.memory) else flat
 

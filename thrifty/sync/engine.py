@@ -75,12 +75,13 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import json
 import logging
 import math
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -89,6 +90,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from thrifty.comm import collectives
+from thrifty.comm.agreement import Entry, check_agreement
 from thrifty.comm.topology import NodeGroups, split_groups
 from thrifty.compressors import Compressor
 from thrifty.compressors.memory import Memory
@@ -122,7 +124,10 @@ class SparseSync(Protocol):
     ranks of ``group`` when ``average`` (else the sum), sparse and coalesced.
     It is a collective: every rank calls it for the same parameters in the
     same order. One object serves one parameter and may keep state across
-    iterations (e.g. a scheme that profiles before it chooses).
+    iterations (e.g. a scheme that profiles before it chooses). A scheme may
+    also have a ``describe()`` method returning its name and the settings every
+    rank must share (Zen's schemes do: e.g. the hash seed); GradientSync checks
+    at construction that every rank's schemes describe themselves alike.
     """
 
     def sync(self, grad: Tensor, group: dist.ProcessGroup | None, average: bool) -> Tensor: ...
@@ -249,8 +254,13 @@ class GradientSync:
             must pass the same value); otherwise when a plan first needs them.
         broadcast_parameters: copy rank 0's parameters and buffers to every rank
             at construction, as DDP does, so the replicas start equal.
-        check_plan: all-gather the plan's fingerprint and refuse to start when
-            ranks disagree (a mismatched plan would hang or corrupt collectives).
+        check_plan: check at construction, and at every :meth:`set_plan`, that every
+            rank agrees on the parameters (names, shapes, dtypes, device types,
+            ``requires_grad``), the buffers (when broadcast), the compressor and its
+            options, the sparse schemes, the plan and the world size: one
+            all-gather of a 32-byte digest. A mismatch (which would abort gloo,
+            hang, or silently average unrelated numbers) raises the same
+            :class:`~thrifty.comm.agreement.RankMismatchError` on every rank.
         sparse_scheme: how groups of sparse-gradient parameters are synchronised
             (see the module docstring): a name registered with
             :func:`register_sparse_scheme` (``import thrifty.zen`` first for
@@ -290,38 +300,54 @@ class GradientSync:
         self._nodes: NodeGroups | None = None
         self._launcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._launcher_failed = False
+        self._broadcasts = broadcast_parameters
         # The ledger is entered once while any thread of this engine communicates.
         self._ledger_lock = threading.Lock()
         self._ledger_users = 0
         self._ledger_scope = contextlib.ExitStack()
-        if ranks_per_node is not None:
-            self._node_links()
+        self.ledger = collectives.CommLedger()
         # Backward produces gradients roughly in reverse registration order;
         # plans are written in that order (DDP makes the same first guess).
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.backward_order = [n for n, _ in reversed(named)]
         self._params = dict(named)
-        self.strategy = Strategy.make(compressor, collective, memory, **compressor_options)
         self.sparse_scheme = sparse_scheme
         self._sparse_names = _sparse_parameter_names(model, self._params)
         self._sparse_schemes: dict[str, SparseSync] = {}  # per parameter: they may keep state
-        if sparse_scheme is not None:
-            factory = _sparse_factory(sparse_scheme)  # ValueError names the registered ones
-            self._sparse_schemes = {n: _built(factory) for n in sorted(self._sparse_names)}
         # Called with this engine after every synchronised backward (planners
         # that tune online hook in here); ``iterations`` counts those backwards.
         self.iteration_callbacks: list[Callable[[GradientSync], None]] = []
         self.iterations = 0
+        # Everything up to the agreement check is local: a mistake on one rank
+        # is reported on every rank by the check instead of leaving the others
+        # waiting in the first collective.
+        error: ValueError | TypeError | None = None
+        try:
+            self.strategy = Strategy.make(compressor, collective, memory, **compressor_options)
+            if sparse_scheme is not None:
+                factory = _sparse_factory(sparse_scheme)  # ValueError names the registered ones
+                self._sparse_schemes = {n: _built(factory) for n in sorted(self._sparse_names)}
+            self.plan = self._resolve_plan(plan)
+            self.plan.check_covers(self._params)
+        except (TypeError, ValueError) as exc:
+            if not check_plan:
+                raise
+            error = exc
+        if check_plan:  # before any other collective: mismatched sizes abort gloo
+            self._check_agreement(error)
+        # Planners that tune online (and keep a decision a checkpoint must carry)
+        # hooked themselves in while the plan was resolved; they stay known here
+        # after they detach from iteration_callbacks.
+        self._stateful_callbacks: list[Any] = [
+            c for c in self.iteration_callbacks if callable(getattr(c, "state_dict", None))
+        ]
+        if ranks_per_node is not None:
+            self._node_links()
         if broadcast_parameters:
             self._broadcast_state()
-        self.plan = self._resolve_plan(plan)
-        self.plan.check_covers(self._params)
-        if check_plan:
-            self._check_plan_agrees()
         self._provide_for(self.plan)
         self._groups = self._build_groups(self.plan)
         self._group_of = self._index_groups(self._groups)
-        self.ledger = collectives.CommLedger()
         self._enabled = True
         self._in_backward = False
         self._next_launch = 0
@@ -352,19 +378,80 @@ class GradientSync:
                 src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
                 dist.broadcast(t.data, src=src, group=self.group)
 
-    def _check_plan_agrees(self) -> None:
-        mine = self.plan.fingerprint()
-        everyone = collectives.all_gather_packed(
-            [torch.tensor(list(mine.encode()), dtype=torch.uint8)]
+    def _check_agreement(self, error: BaseException | None = None) -> None:
+        """One all-gather of a digest of :meth:`_description`; the same error on every rank.
+
+        See :mod:`thrifty.comm.agreement`. ``error`` is a mistake this rank met
+        while setting up: raised on every rank, not only here.
+        """
+        plan = getattr(self, "plan", None)
+        check_agreement(self._description(plan), self.group, "GradientSync", error)
+
+    def _description(self, plan: Plan | None) -> list[Entry]:
+        """What every rank must share: the model, the compressor, the plan, the schemes.
+
+        Counts and names come before per-item fields, so that the first
+        difference reported is the telling one (a missing layer, not the
+        shape of whatever came after it).
+        """
+        model_hint = "every rank must build the same model, as DDP requires"
+        entries = [Entry("world size", str(self.world_size))]
+        if self._ranks_per_node is not None:
+            entries.append(Entry("ranks_per_node", str(self._ranks_per_node)))
+        params = list(self.model.named_parameters())
+        entries.append(Entry("number of parameters", str(len(params)), model_hint))
+        entries += [
+            Entry(f"parameter #{i}: name", repr(n), model_hint) for i, (n, _) in enumerate(params)
+        ]
+        for n, p in params:
+            entries += [
+                Entry(f"parameter {n!r}: shape", str(tuple(p.shape)), model_hint),
+                Entry(f"parameter {n!r}: dtype", str(p.dtype), model_hint),
+                Entry(f"parameter {n!r}: device type", p.device.type, model_hint),
+                Entry(f"parameter {n!r}: requires_grad", str(p.requires_grad), model_hint),
+            ]
+        entries.append(
+            Entry("sparse-gradient parameters", str(sorted(self._sparse_names)), model_hint)
         )
-        prints = [bytes(t[0].tolist()).decode() for t in everyone]
-        if len(set(prints)) > 1:
-            differ = [r for r, fp in enumerate(prints) if fp != prints[0]]
-            raise RuntimeError(
-                f"GradientSync plans differ across ranks: ranks {differ} disagree with rank 0 "
-                f"(this rank's plan: {self.plan.describe()[:300]}). Build the plan "
-                "deterministically or decide it on rank 0 and broadcast it."
+        if self._broadcasts:  # broadcast with mismatched buffers would abort gloo too
+            buffers = list(self.model.named_buffers())
+            entries.append(Entry("number of buffers", str(len(buffers)), model_hint))
+            entries += [
+                Entry(f"buffer #{i}: name", repr(n), model_hint) for i, (n, _) in enumerate(buffers)
+            ]
+            for n, b in buffers:
+                entries += [
+                    Entry(f"buffer {n!r}: shape", str(tuple(b.shape)), model_hint),
+                    Entry(f"buffer {n!r}: dtype", str(b.dtype), model_hint),
+                ]
+        strategy = getattr(self, "strategy", None)
+        if strategy is not None:
+            hint = "pass the same compressor and options on every rank"
+            options = ", ".join(f"{k}={v!r}" for k, v in strategy.options) or "none"
+            entries += [
+                Entry("compressor", str(strategy.compressor or "none"), hint),
+                Entry("compressor configuration", options, hint),
+                Entry("collective", strategy.collective, hint),
+                Entry("memory", strategy.memory, hint),
+            ]
+        hint = "every rank must pass the same sparse_scheme and scheme settings"
+        entries.append(Entry("sparse scheme", _scheme_name(self.sparse_scheme), hint))
+        entries += [
+            Entry(f"sparse scheme of {n!r}", _describe_scheme(scheme), hint)
+            for n, scheme in sorted(self._sparse_schemes.items())
+        ]
+        if plan is not None:
+            hint = (
+                "plans differ across ranks: build the plan deterministically, or decide it "
+                "on rank 0 and broadcast it"
             )
+            entries.append(Entry("plan: number of groups", str(len(plan.groups)), hint))
+            for i, g in enumerate(plan.groups):
+                entries += [
+                    Entry(f"plan group {i}: parameters", ", ".join(g.names), hint),
+                    Entry(f"plan group {i}: strategy", _describe_strategy(g.strategy), hint),
+                ]
+        return entries
 
     def _provide_for(self, plan: Plan) -> None:
         """Node groups for hierarchical groups, the launcher thread for offloaded ones.
@@ -456,12 +543,18 @@ class GradientSync:
         """
         if self._in_backward:
             raise RuntimeError("set_plan must be called between iterations, not during backward")
-        plan.check_covers(self._params)
+        error: ValueError | None = None
+        try:
+            plan.check_covers(self._params)
+        except ValueError as exc:
+            if not check_plan:
+                raise
+            error = exc
         previous = self.plan
         self.plan = plan
         try:
-            if check_plan:
-                self._check_plan_agrees()
+            if check_plan:  # one collective per switch: every rank switches alike
+                self._check_agreement(error)
             self._provide_for(plan)
         except (RuntimeError, ValueError):
             self.plan = previous
@@ -475,6 +568,149 @@ class GradientSync:
     @staticmethod
     def _index_groups(groups: list[_GroupState]) -> dict[int, _GroupState]:
         return {id(p): state for state in groups for p in state.params}
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed job needs to continue exactly: error feedback, compressor state, plan.
+
+        Holds every group's error feedback (residuals, DGC momentum and
+        velocity), its compressor's state (PowerSGD's Q, Random-k's shared-seed
+        step, Signum's momentum, DGC's warm-up step), the plan, the iteration
+        count and the decision of an online planner (MergeComp's chosen
+        partition, ByteComp's plan), so a resumed job does not search again.
+
+        Only tensors, strings and ints: ``torch.save`` it and read it back with
+        ``torch.load(..., weights_only=True)``, or put it (or this object) in a
+        ``torch.distributed.checkpoint`` state dict. Error feedback is each
+        rank's own, so it sits under ``"ranks"`` keyed by this rank: every rank
+        saves its part. Every state a group may keep appears, as zeros with a
+        ``set_*`` flag while it does not exist yet, so that the state dict of a
+        freshly built engine is the template ``dcp.load`` fills in place.
+        """
+        for c in self.iteration_callbacks:  # planners hooked in after construction
+            if callable(getattr(c, "state_dict", None)) and c not in self._stateful_callbacks:
+                self._stateful_callbacks.append(c)
+        groups = {}
+        for state in self._groups:
+            entry: dict[str, dict[str, Tensor]] = {}
+            for slot, owner, key, numel in self._state_slots(state):
+                template = owner.state_template(key, numel)
+                if template:
+                    entry[slot] = _with_flags(template, owner.export_state(key), slot)
+            if state.compressor is not None and state.compressor.extra_state():
+                entry["compressor_extra"] = state.compressor.extra_state()
+            groups[str(state.index)] = entry
+        return {
+            "format": _STATE_FORMAT,
+            "world_size": self.world_size,
+            "parameters": json.dumps(self._parameter_list()),
+            "plan": json.dumps(self.plan.to_dict(), sort_keys=True, default=repr),
+            "iterations": self.iterations,
+            "tuners": {
+                str(i): {"type": type(c).__qualname__, "state": json.dumps(c.state_dict())}
+                for i, c in enumerate(self._stateful_callbacks)
+            },
+            "ranks": {str(self.rank): groups},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from :meth:`state_dict`: the plan, the state of every group, the tuners.
+
+        Call it on every rank at the same point (between iterations), on an
+        engine built like the saved one (same model, compressor and planner).
+        Switching to the saved plan is a :meth:`set_plan`: one collective.
+        ``torch.distributed.checkpoint`` loads into the state dict of the engine
+        being resumed, so there the engine must already be on the saved plan:
+        true for fixed plans; after an online planner chose, ``torch.save``
+        the state instead (or build the engine with the saved ``Plan``).
+
+        Raises:
+            ValueError: the checkpoint is of another world size, another model
+                (names, shapes or dtypes of the trainable parameters), another
+                planner, or not a GradientSync state at all.
+        """
+        if self._in_backward:
+            raise RuntimeError("load_state_dict must be called between iterations")
+        if not isinstance(state, dict) or state.get("format") != _STATE_FORMAT:
+            raise ValueError(
+                f"not a GradientSync state dict (format {_STATE_FORMAT!r} expected, got "
+                f"{state.get('format') if isinstance(state, dict) else type(state).__name__!r})"
+            )
+        saved_world = int(state["world_size"])
+        if saved_world != self.world_size:
+            raise ValueError(
+                f"GradientSync state was saved by {saved_world} ranks, this job has "
+                f"{self.world_size}: error feedback is kept per rank and cannot be resharded. "
+                f"Resume on {saved_world} ranks, or skip the sync state (start it afresh)"
+            )
+        _check_same_parameters(json.loads(state["parameters"]), self._parameter_list())
+        tuners = state.get("tuners", {})
+        saved_types = [tuners[str(i)]["type"] for i in range(len(tuners))]
+        types = [type(c).__qualname__ for c in self._stateful_callbacks]
+        if saved_types != types:
+            raise ValueError(
+                f"GradientSync state was saved with planner state {saved_types or 'none'}, this "
+                f"engine has {types or 'none'}: build it with the same plan= as the saved job"
+            )
+        mine = state["ranks"].get(str(self.rank))
+        if mine is None:
+            raise ValueError(
+                f"GradientSync state holds no entry for rank {self.rank} (it has ranks "
+                f"{sorted(state['ranks'])}): load the state this rank saved"
+            )
+        plan = Plan.from_dict(json.loads(state["plan"]))
+        if plan != self.plan:
+            self.set_plan(plan)
+        for group in self._groups:
+            saved = mine.get(str(group.index), {})
+            for slot, owner, key, numel in self._state_slots(group):
+                template = owner.state_template(key, numel)
+                if not template:
+                    continue
+                if slot not in saved:
+                    raise ValueError(f"GradientSync state lacks {slot} of group {group.index}")
+                _reset(owner, key)
+                owner.import_state(key, _without_flags(template, saved[slot], slot))
+            if group.compressor is not None and "compressor_extra" in saved:
+                group.compressor.load_extra_state(saved["compressor_extra"])
+        self.iterations = int(state["iterations"])
+        for i, callback in enumerate(list(self._stateful_callbacks)):
+            callback.load_state_dict(json.loads(tuners[str(i)]["state"]))
+
+    def _parameter_list(self) -> list[list[Any]]:
+        """``[name, shape, dtype]`` of every trainable parameter: what a state belongs to."""
+        return [[n, list(p.shape), str(p.dtype)] for n, p in self._params.items()]
+
+    def _state_slots(self, state: _GroupState) -> list[tuple[str, Any, Hashable, int]]:
+        """(slot name, memory or compressor, key, numel) of every state a group may keep.
+
+        The keys and sizes the launch paths use (see :meth:`_prepare_flat`,
+        :meth:`_prepare_divisible`, :meth:`_launch_hierarchical`).
+        """
+        compressor = state.compressor
+        if compressor is None or state.sparse:
+            return []
+        strategy = state.group.strategy
+        numel, n = state.numel, self.world_size
+        if strategy.hierarchical:
+            k = self.ranks_per_node
+            numel, n = (math.ceil(numel / k) if numel else 0), self.world_size // k
+        slots: list[tuple[str, Any, Hashable, int]] = []
+        if strategy.collective != "all_to_all":
+            if state.memory is not None:
+                slots.append(("memory", state.memory, state.index, numel))
+            slots.append(("compressor", compressor, state.index, numel))
+            return slots
+        shard = math.ceil(numel / n) if numel else 0
+        if state.memory is not None:
+            slots.append(("memory", state.memory, state.index, shard * n))
+        for j in range(n):
+            slots.append((f"compressor_shard{j}", compressor, (state.index, "shard", j), shard))
+        if state.second_memory is not None:
+            slots.append(("second_memory", state.second_memory, (state.index, "reduced"), shard))
+        slots.append(("compressor_reduced", compressor, (state.index, "reduced"), shard))
+        return slots
 
     def remove(self) -> None:
         """Detach the hooks and stop the launcher; the model goes back to local gradients."""
@@ -850,6 +1086,98 @@ class GradientSync:
             return finish
 
         return launch
+
+
+def _scheme_name(spec: object) -> str:
+    """How the ``sparse_scheme`` argument is described across ranks."""
+    if spec is None or isinstance(spec, str):
+        return repr(spec)
+    return f"{type(spec).__module__}.{type(spec).__qualname__}"
+
+
+def _describe_scheme(scheme: SparseSync) -> str:
+    """A scheme's settings every rank must share: its ``describe()``, else its class."""
+    describe = getattr(scheme, "describe", None)
+    if callable(describe):
+        return str(describe())
+    return f"{type(scheme).__module__}.{type(scheme).__qualname__}"
+
+
+def _describe_strategy(strategy: Strategy) -> str:
+    return f"{strategy.label()} (memory={strategy.memory})"
+
+
+_STATE_FORMAT = "thrifty.GradientSync/1"
+
+
+def _with_flags(
+    template: dict[str, Tensor], have: dict[str, Tensor], slot: str
+) -> dict[str, Tensor]:
+    """Each state of ``template`` (its value, or zeros) and a ``set_`` flag saying which."""
+    out: dict[str, Tensor] = {}
+    for kind, zeros in template.items():
+        value = have.get(kind)
+        if value is not None and value.shape != zeros.shape:
+            raise RuntimeError(
+                f"{slot} state {kind!r} has shape {tuple(value.shape)}, expected "
+                f"{tuple(zeros.shape)}: the engine's slots are out of step with its launches"
+            )
+        out[kind] = zeros if value is None else value.detach()
+        out[f"set_{kind}"] = torch.tensor(value is not None)
+    return out
+
+
+def _without_flags(
+    template: dict[str, Tensor], saved: dict[str, Tensor], slot: str
+) -> dict[str, Tensor]:
+    """The saved states whose ``set_`` flag is on, checked against ``template``'s shapes."""
+    out = {}
+    for kind, zeros in template.items():
+        if kind not in saved or f"set_{kind}" not in saved:
+            raise ValueError(f"GradientSync state of {slot} lacks {kind!r}")
+        if not bool(saved[f"set_{kind}"]):
+            continue
+        value = saved[kind]
+        if value.shape != zeros.shape:
+            raise ValueError(
+                f"GradientSync state {slot}/{kind} has shape {tuple(value.shape)}, this "
+                f"engine expects {tuple(zeros.shape)}: saved with another plan or compressor"
+            )
+        out[kind] = value
+    return out
+
+
+def _reset(owner: Any, key: Hashable) -> None:
+    """Forget ``owner``'s state of ``key`` (a memory or a compressor) before loading it."""
+    if isinstance(owner, Memory):
+        owner.reset(key)
+    else:
+        owner.reset_state(key)
+
+
+def _check_same_parameters(saved: list[list[Any]], mine: list[list[Any]]) -> None:
+    """Raise naming the first difference between the saved and this engine's parameters."""
+    if saved == mine:
+        return
+    saved_names = [n for n, _, _ in saved]
+    names = [n for n, _, _ in mine]
+    missing = [n for n in names if n not in saved_names]
+    extra = [n for n in saved_names if n not in names]
+    if missing or extra:
+        raise ValueError(
+            "GradientSync state is of another model: trainable parameters "
+            f"{missing[:3]} are not in it, and it has {extra[:3]} that this model lacks"
+        )
+    for (name, shape, dtype), (_, my_shape, my_dtype) in zip(saved, mine, strict=True):
+        if shape != my_shape or dtype != my_dtype:
+            raise ValueError(
+                f"GradientSync state is of another model: parameter {name!r} is {dtype} "
+                f"{tuple(shape)} in it, {my_dtype} {tuple(my_shape)} here"
+            )
+    raise ValueError(
+        "GradientSync state is of another model: its trainable parameters come in another "
+        f"order ({saved_names[:5]}... there, {names[:5]}... here)"
+    )
 
 
 def _built(factory: SparseSchemeFactory) -> SparseSync:

@@ -48,6 +48,10 @@ class SparseScheme(ABC):
         """Scheme code and the settings every rank must share (checked before syncing)."""
         return (self.code, 0, 0)
 
+    def describe(self) -> str:
+        """Name and settings, for ``GradientSync``'s check that every rank agrees."""
+        return f"{self.name}{self.key()}"
+
     @abstractmethod
     def reduce(self, rows: SparseRows, group: dist.ProcessGroup | None = None) -> Reduced:
         """The sum of every rank's ``rows``, the same on every rank."""
