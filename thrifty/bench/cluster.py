@@ -40,7 +40,6 @@ import ipaddress
 import json
 import logging
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -79,6 +78,7 @@ SUBNET = "10.213.0"  # node i is SUBNET.(i+1)/24
 _STDERR_TAIL = 4000  # characters of a failed node's output quoted in the error
 _FAILURE_GRACE_S = 3.0  # after one node fails, let the others report too
 _STOP_GRACE_S = 5.0  # SIGTERM lets torchrun stop its workers; then SIGKILL
+_INTERRUPT_GRACE_S = 1.0  # the same after Ctrl-C / SIGTERM, when the user waits for the prompt
 _counter = 0
 
 
@@ -191,40 +191,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` now (torchrun starts its workers in new sessions)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
-            stat = Path(f"/proc/{entry}/stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def _stop(procs: Sequence[subprocess.Popen]) -> None:
+def _stop(procs: Sequence[subprocess.Popen], grace_s: float = _STOP_GRACE_S) -> None:
     """SIGTERM each torchrun (it stops its workers), then SIGKILL what is left."""
-    running = [p for p in procs if p.poll() is None]
-    below = {p.pid: _descendants(p.pid) for p in running}
-    for p in running:
-        with contextlib.suppress(ProcessLookupError):
-            p.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_GRACE_S
-    for p in running:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            p.wait(timeout=max(deadline - time.monotonic(), 0.01))
-    for p in running:
-        for pid in [p.pid, *below[p.pid]]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        p.wait()
+    netem.stop_processes(procs, grace_s)
 
 
 def _tail(path: Path) -> str:
@@ -311,6 +280,9 @@ def run_torchrun(
                     else:
                         procs.append(cluster.namespaces[node].popen(argv, **kwargs))
             _wait(procs, logs, out_dir, ranks_per_node, timeout)
+        except KeyboardInterrupt:  # Ctrl-C, SIGTERM: the whole command stops within seconds
+            _stop(procs, _INTERRUPT_GRACE_S)
+            raise
         finally:
             _stop(procs)
         world = nodes * ranks_per_node

@@ -12,7 +12,12 @@ the one place that starts them:
 * each rank's return value comes back in rank order; an exception on any rank
   is re-raised here as :class:`RankFailure` carrying the remote traceback;
 * a collective that hangs ends in :class:`RanksTimedOut`, with the Python
-  stack of every rank that was still running, instead of hanging the caller.
+  stack of every rank that was still running, instead of hanging the caller;
+* each rank leads a process group of its own, which is killed whole when the
+  run ends, whatever ends it (Ctrl-C, SIGTERM, a failure, a timeout): a rank
+  blocked in a gloo collective never gets to run a Python signal handler, so
+  the caller does not wait for it. A rank also dies with the fork server,
+  so killing the caller outright does not leave ranks behind either.
 
 Example::
 
@@ -29,6 +34,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import datetime
 import faulthandler
 import os
@@ -60,6 +67,7 @@ _FAILURE_GRACE_S = 2.0
 _SETUP_ATTEMPTS = 3
 _CONNECTION_ERRORS = ("Connection closed by peer", "Connection reset", "connectFullMesh")
 _forkserver_preloaded = False
+_PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 class RankFailure(RuntimeError):
@@ -137,6 +145,10 @@ def _rank_main(
     args: tuple[Any, ...],
     kwargs: Mapping[str, Any],
 ) -> None:
+    # A group of its own: the caller kills it whole (with anything the rank
+    # started), and a terminal's Ctrl-C goes to the caller, which decides.
+    os.setpgid(0, 0)
+    _die_with_parent()
     os.environ.update(env)
     torch.set_num_threads(threads)
     with open(stack_file, "w") as stack_out:
@@ -164,6 +176,29 @@ def _rank_main(
             if dist.is_initialized():
                 dist.destroy_process_group()
         results.put(message)
+
+
+def _die_with_parent() -> None:
+    """Linux: SIGKILL this process when the process that forked it exits.
+
+    A rank's parent is the fork server, which exits when the caller does; so
+    ranks never outlive a caller that was killed without running its clean-up.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() == 1:  # the parent was already gone before prctl
+            os._exit(1)
+
+
+def _kill(proc: Any) -> None:
+    """SIGKILL a rank's process group (the rank and what it started), then the rank."""
+    if proc.pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.is_alive():
+        proc.kill()
 
 
 def _context(start_method: str) -> Any:
@@ -287,8 +322,7 @@ def _run_once(
         return _collect(procs, results, timeout, stack_files, may_die)
     finally:
         for proc in procs:
-            if proc.is_alive():
-                proc.kill()
+            _kill(proc)
         for proc in procs:
             proc.join(timeout=5)
         results.close()

@@ -30,17 +30,26 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["NetNamespace", "NetemUnavailable", "parse_rate", "rate_limited_loopback"]
+__all__ = [
+    "NetNamespace",
+    "NetemUnavailable",
+    "descendants",
+    "parse_rate",
+    "rate_limited_loopback",
+    "stop_processes",
+]
 
 log = logging.getLogger(__name__)
 
 _UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 _live: set[str] = set()
+WORKER_STOP_GRACE_S = 2.0  # a worker's time to stop its ranks after SIGTERM; then SIGKILL
 _counter = 0
 
 
@@ -76,6 +85,53 @@ def _sh(*argv: str) -> None:
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0:
         raise NetemUnavailable(f"'{' '.join(argv)}' failed: {proc.stderr.strip()}")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` now, found by parent pid in ``/proc``.
+
+    Process groups do not reach them all: torchrun starts its workers in new
+    sessions, and a rank may start processes of its own.
+    """
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def stop_processes(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
+    """SIGTERM each running process, wait up to ``grace_s``, then SIGKILL it and its tree.
+
+    The tree is taken before the first signal (an orphan is re-parented and
+    could no longer be found) and again before the kill, so nothing started
+    in between survives either. Never raises for a process that is already gone.
+    """
+    running = [p for p in procs if p.poll() is None]
+    below = {p.pid: descendants(p.pid) for p in running}
+    for p in running:
+        with contextlib.suppress(ProcessLookupError):
+            p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for p in running:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=max(deadline - time.monotonic(), 0.01))
+    for p in running:
+        alive = p.poll() is None  # once reaped, its pid may belong to someone else
+        tree = [p.pid, *below[p.pid], *descendants(p.pid)] if alive else below[p.pid]
+        for pid in dict.fromkeys(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        p.wait()
 
 
 @dataclass(frozen=True)
@@ -120,8 +176,13 @@ def _delete_leftovers() -> None:
 
 @contextlib.contextmanager
 def _sigterm_unwinds() -> Iterator[None]:
-    """Turn SIGTERM into an exception so that ``finally`` blocks still run."""
-    if threading.current_thread() is not threading.main_thread():
+    """Turn SIGTERM into an exception so that ``finally`` blocks still run.
+
+    Only where nobody handles SIGTERM yet: the ``thrifty`` command's own
+    handler (:mod:`thrifty.cli.interrupts`) already unwinds, and names the signal.
+    """
+    main = threading.current_thread() is threading.main_thread()
+    if not main or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         yield
         return
 
@@ -195,11 +256,28 @@ def run_worker(rate: str | None, module: str, spec: dict[str, Any]) -> Any:
         # c10d warns that it cannot resolve a namespace's host name: harmless.
         env = {**os.environ, "TORCH_CPP_LOG_LEVEL": "ERROR"}
         if rate in (None, "loopback"):
-            subprocess.run(argv, check=True, env=env)
+            _run_stoppable(subprocess.Popen, argv, env)
         else:
             with rate_limited_loopback(rate) as ns:
-                ns.run(argv, check=True, env=env)
+                _run_stoppable(ns.popen, argv, env)
         return json.loads(out.read_text())
+
+
+def _run_stoppable(popen: Any, argv: list[str], env: dict[str, str]) -> None:
+    """Run the worker to the end; on any exception here (Ctrl-C, SIGTERM) stop its tree.
+
+    The worker has a session of its own, so a terminal's Ctrl-C reaches only
+    this process, which then stops the worker in order: SIGTERM (the worker
+    unwinds and kills its ranks), and after :data:`WORKER_STOP_GRACE_S` SIGKILL
+    to everything below it.
+    """
+    proc = popen(argv, env=env, start_new_session=True)
+    try:
+        code = proc.wait()
+    finally:
+        stop_processes([proc], WORKER_STOP_GRACE_S)
+    if code != 0:
+        raise subprocess.CalledProcessError(code, argv)
 
 
 def worker_main(fn: Any) -> None:
@@ -207,4 +285,9 @@ def worker_main(fn: Any) -> None:
     if len(sys.argv) != 2:
         sys.exit("internal entry point of a thrifty benchmark; run it through the thrifty CLI")
     spec = json.loads(sys.argv[1])
-    Path(spec["out"]).write_text(json.dumps(fn(spec)))
+    try:
+        with _sigterm_unwinds():  # the driver's SIGTERM: unwind, so run_ranks kills the ranks
+            result = fn(spec)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGTERM)  # stopped by the driver, which reports it
+    Path(spec["out"]).write_text(json.dumps(result))

@@ -1,4 +1,12 @@
-"""Result files: every benchmark JSON says where, when and on what it was measured."""
+"""Result files: every benchmark JSON says where, when and on what it was measured.
+
+A benchmark stopped by Ctrl-C or SIGTERM still leaves what it finished: it
+catches the :class:`KeyboardInterrupt` (the ``thrifty`` command raises
+:class:`Interrupted`, a subclass naming the signal), writes its payload with
+:func:`write_partial` (``"partial": true, "interrupted_by": "SIGINT"``) and
+re-raises; the command then says where the partial file went
+(:func:`partial_paths`) and exits with 128 + the signal's number.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +14,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -14,7 +23,49 @@ import torch
 
 import thrifty
 
-__all__ = ["git_commit", "machine_info", "result_path", "results_dir", "write_json"]
+__all__ = [
+    "Interrupted",
+    "git_commit",
+    "interrupted_by",
+    "machine_info",
+    "note_partial",
+    "partial_paths",
+    "result_path",
+    "results_dir",
+    "write_json",
+    "write_partial",
+]
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised in the main thread so that every ``finally`` block runs.
+
+    A :class:`KeyboardInterrupt`, so code that stops cleanly on Ctrl-C stops
+    the same way on SIGTERM. ``exit_code`` is the shell's 128 + signal number
+    (130 for SIGINT, 143 for SIGTERM).
+    """
+
+    def __init__(self, signum: int) -> None:
+        self.signum = signum
+        super().__init__(self.signal_name)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def interrupted_by(exc: BaseException) -> str:
+    """The signal's name: ``"SIGTERM"`` for an :class:`Interrupted` one, else ``"SIGINT"``."""
+    return exc.signal_name if isinstance(exc, Interrupted) else "SIGINT"
+
+
+def partial_paths(exc: BaseException) -> list[Path]:
+    """The partial result files written while ``exc`` unwound (see :func:`write_partial`)."""
+    return list(getattr(exc, "partial_paths", []))
 
 
 def results_dir() -> Path:
@@ -95,3 +146,23 @@ def write_json(name: str, payload: dict[str, Any], path: str | Path | None = Non
     }
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def write_partial(
+    name: str, payload: dict[str, Any], exc: BaseException, path: str | Path | None = None
+) -> Path:
+    """Write what a benchmark finished before ``exc`` (Ctrl-C, SIGTERM) stopped it.
+
+    Like :func:`write_json`, with ``"partial": true`` and ``"interrupted_by"``
+    (the signal's name) added; the file is recorded on ``exc`` so the command
+    that catches it can say where it went. The caller re-raises ``exc``.
+    """
+    doc = {**payload, "partial": True, "interrupted_by": interrupted_by(exc)}
+    written = write_json(name, doc, path)
+    note_partial(exc, written)
+    return written
+
+
+def note_partial(exc: BaseException, path: Path) -> None:
+    """Record on ``exc`` that a partial result went to ``path`` (see :func:`partial_paths`)."""
+    exc.partial_paths = [*partial_paths(exc), path]  # type: ignore[attr-defined]

@@ -41,6 +41,7 @@ import logging
 import pickle
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,7 +60,13 @@ from tqdm import tqdm
 from thrifty.bench import netem
 from thrifty.bench.launch import run_ranks
 from thrifty.bench.models import MODEL_NAMES, build_model, count_parameters
-from thrifty.bench.results import result_path, results_dir, write_json
+from thrifty.bench.results import (
+    interrupted_by,
+    note_partial,
+    result_path,
+    results_dir,
+    write_json,
+)
 from thrifty.comm import NetworkModel, collectives
 from thrifty.compressors import available_compressors
 from thrifty.sync import GradientSync, Plan, Planner, Strategy
@@ -335,6 +342,7 @@ class TrainingResult:
     bound_label: str = "bound"
     json_path: Path | None = None
     plot_path: Path | None = None
+    interrupted_by: str | None = None  # "SIGINT" when Ctrl-C stopped it: the runs are partial
 
     def rows(self) -> Iterator[tuple[str, TrainingRow]]:
         """Every row with the key of its run."""
@@ -343,17 +351,23 @@ class TrainingResult:
                 yield key, row
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "title": self.title,
             "bound_label": self.bound_label,
             "settings": self.settings,
             "runs": {key: run.to_dict() for key, run in self.runs.items()},
         }
+        if self.interrupted_by is not None:
+            doc.update(partial=True, interrupted_by=self.interrupted_by)
+        return doc
 
     @classmethod
     def from_dict(cls, name: str, doc: Mapping[str, Any]) -> TrainingResult:
         runs = {key: TrainingRun.from_dict(run) for key, run in doc["runs"].items()}
-        return cls(name, doc["title"], runs, dict(doc["settings"]), doc.get("bound_label", "bound"))
+        bound = doc.get("bound_label", "bound")
+        result = cls(name, doc["title"], runs, dict(doc["settings"]), bound)
+        result.interrupted_by = doc.get("interrupted_by")
+        return result
 
     @classmethod
     def load(cls, path: str | Path) -> TrainingResult:
@@ -570,12 +584,14 @@ def time_configurations(
     *,
     predict: Callable[[Plan], float] | None = None,
     progress: bool = True,
+    on_row: Callable[[TrainingRow], None] | None = None,
 ) -> list[TrainingRow]:
     """Time every configuration in turn on this process group (call on every rank).
 
     Each configuration trains a fresh ``model_name`` (same seed, a different
     batch per rank) with SGD; ``predict`` prices the plan a GradientSync ran.
-    Every rank returns the rows (``times`` are its own).
+    Every rank returns the rows (``times`` are its own); ``on_row`` sees each
+    row as soon as it is measured, so that an interrupted run keeps it.
     """
     if warmup < 0 or iters < 1:
         raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
@@ -590,6 +606,8 @@ def time_configurations(
     for config in bar:
         bar.set_postfix_str(config.label)
         rows.append(_time_one(config, model_name, warmup, iters, predict))
+        if on_row is not None:
+            on_row(rows[-1])
     return rows
 
 
@@ -599,8 +617,13 @@ def _rank_benchmark(
     warmup: int,
     iters: int,
     network: dict[str, Any] | None,
+    rows_file: str | None = None,
 ) -> dict[str, Any]:
-    """Every rank of one rate's run: profile (when a network model is known), then time."""
+    """Every rank of one rate's run: profile (when a network model is known), then time.
+
+    Rank 0 appends each row to ``rows_file`` (JSON lines) as it is measured:
+    what the driver keeps when the run is interrupted.
+    """
     n = dist.get_world_size()
     meta: dict[str, Any] = {
         "parameters": count_parameters(build_model(model_name), trainable_only=True)
@@ -619,7 +642,14 @@ def _rank_benchmark(
         def predict(plan: Plan) -> float:
             return simulate(profile, plan, net, n).iteration
 
-    rows = time_configurations(model_name, configs, warmup, iters, predict=predict)
+    on_row = None
+    if rows_file is not None and dist.get_rank() == 0:
+
+        def on_row(row: TrainingRow) -> None:
+            with open(rows_file, "a") as out:
+                out.write(json.dumps(row.to_dict()) + "\n")
+
+    rows = time_configurations(model_name, configs, warmup, iters, predict=predict, on_row=on_row)
     return TrainingRun(rows, meta).to_dict() if dist.get_rank() == 0 else {}
 
 
@@ -646,6 +676,7 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         spec["warmup"],
         spec["iters"],
         spec["network"],
+        spec.get("rows_file"),
         timeout=spec["timeout"],
     )[0]
 
@@ -711,25 +742,10 @@ def run_training_benchmark(
         raise ValueError(f"workers must be >= 1, got {workers}")
     check_rates(rates)
     network_json = Path(network_json or results_dir() / "collectives.json")
-    runs = {}
-    for rate in rates:
-        network = _fitted_network(rate, network_json)
-        spec = {
-            "workers": workers,
-            "model": model,
-            "configs": encode_objects(list(configs)),
-            "warmup": warmup,
-            "iters": iters,
-            "network": None if network is None else network.to_dict(),
-            "timeout": timeout,
-        }
-        run = TrainingRun.from_dict(netem.run_worker(rate, "thrifty.bench.training", spec))
-        run.compare()
-        runs[rate] = run
     result = TrainingResult(
         name,
         title or f"{model}, {workers} workers",
-        runs,
+        {},
         {
             "model": model,
             "workers": workers,
@@ -739,10 +755,48 @@ def run_training_benchmark(
             "rates": list(rates),
         },
     )
+    with tempfile.TemporaryDirectory(prefix="thrifty-rows-") as tmp:
+        rows_file = Path(tmp) / "rows.jsonl"
+        rate = None
+        try:
+            for rate in rates:
+                network = _fitted_network(rate, network_json)
+                spec = {
+                    "workers": workers,
+                    "model": model,
+                    "configs": encode_objects(list(configs)),
+                    "warmup": warmup,
+                    "iters": iters,
+                    "network": None if network is None else network.to_dict(),
+                    "timeout": timeout,
+                    "rows_file": str(rows_file),
+                }
+                rows_file.unlink(missing_ok=True)
+                doc = netem.run_worker(rate, "thrifty.bench.training", spec)
+                result.runs[rate] = TrainingRun.from_dict(doc)
+                result.runs[rate].compare()
+        except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: keep the rows measured so far
+            rows = _rows_so_far(rows_file)
+            if rate is not None and rate not in result.runs and rows:
+                result.runs[rate] = TrainingRun(rows, {"partial": True})
+                result.runs[rate].compare()
+            result.interrupted_by = interrupted_by(exc)
+            note_partial(exc, result.write())
+            raise
     result.write()
     if plot:
         result.plot()
     return result
+
+
+def _rows_so_far(rows_file: Path) -> list[TrainingRow]:
+    """The rows rank 0 finished before an interrupt (a half-written last line is dropped)."""
+    rows = []
+    with contextlib.suppress(OSError):
+        for line in rows_file.read_text().splitlines():
+            with contextlib.suppress(ValueError, TypeError):
+                rows.append(TrainingRow.from_dict(json.loads(line)))
+    return rows
 
 
 def run_compress_benchmark(

@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from thrifty.bench import cluster, netem
 from thrifty.bench.models import GPT, MODEL_NAMES, build_model, count_parameters
-from thrifty.bench.results import write_json
+from thrifty.bench.results import interrupted_by, note_partial, write_json
 from thrifty.bench.training import (
     DEFAULT_OPTIONS,
     LOOPBACK,
@@ -285,22 +285,7 @@ def run_bytecomp_benchmark(
         "comparisons": encode_objects(dict(comparisons or {})),
         "timeout_s": timeout,
     }
-    runs: dict[str, TrainingRun] = {}
     shapes: dict[str, Any] = {}
-    for nodes, k in topologies:
-        label = f"{nodes}x{k}"
-        if nodes > 1:
-            with cluster.emulated_cluster(nodes, rate) as emulated:
-                result = cluster.run_torchrun(emulated, k, MODULE, job, timeout)[0]
-        else:
-            spec = {"ranks_per_node": k, "job": job, "timeout": timeout}
-            result = netem.run_worker(rate, MODULE, {"single_node": spec})
-        shapes[label] = result["topology"]
-        for model, doc in result["models"].items():
-            run = TrainingRun.from_dict(doc)
-            run.meta.update(topology=label, model=model)
-            run.compare()
-            runs[f"{label} {model}"] = run
     settings = {
         "rate": rate,
         "models": list(models),
@@ -311,7 +296,26 @@ def run_bytecomp_benchmark(
         "topologies": shapes,
     }
     title = f"ByteComp, {rate} per node (nodes x ranks, model)"
-    out = TrainingResult("bytecomp", title, runs, settings, "zero-cost compression bound")
+    out = TrainingResult("bytecomp", title, {}, settings, "zero-cost compression bound")
+    try:
+        for nodes, k in topologies:
+            label = f"{nodes}x{k}"
+            if nodes > 1:
+                with cluster.emulated_cluster(nodes, rate) as emulated:
+                    result = cluster.run_torchrun(emulated, k, MODULE, job, timeout)[0]
+            else:
+                spec = {"ranks_per_node": k, "job": job, "timeout": timeout}
+                result = netem.run_worker(rate, MODULE, {"single_node": spec})
+            shapes[label] = result["topology"]
+            for model, doc in result["models"].items():
+                run = TrainingRun.from_dict(doc)
+                run.meta.update(topology=label, model=model)
+                run.compare()
+                out.runs[f"{label} {model}"] = run
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: keep the topologies that finished
+        out.interrupted_by = interrupted_by(exc)
+        note_partial(exc, out.write())
+        raise
     out.write()
     if plot:
         out.plot()

@@ -2,7 +2,9 @@
 
 Each group lives in its own module and only parses options, calls the system's
 entry point and prints tables; what a command computes lives in the system's
-package (``thrifty.<system>.benchmark`` for benchmarks).
+package (``thrifty.<system>.benchmark`` for benchmarks). Ctrl-C and SIGTERM stop
+any command the same way (:mod:`thrifty.cli.interrupts`): children and network
+namespaces cleaned up, partial results written, exit code 130 / 143.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from rich.table import Table
 
 import thrifty
 from thrifty.cli import bench, bytecomp, compress, lazarus, marconi, mergecomp, zen
+from thrifty.cli.interrupts import InterruptibleGroup
 from thrifty.cli.params import console
 from thrifty.demo import TOUR
 
 app = typer.Typer(
+    cls=InterruptibleGroup,
     help="thrifty: LLM training and serving that spend less network, recomputation and lost work.",
     no_args_is_help=True,
     add_completion=False,

@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from thrifty.bench import cluster, netem
 from thrifty.bench.models import build_model
-from thrifty.bench.results import results_dir, write_json
+from thrifty.bench.results import results_dir, write_json, write_partial
 from thrifty.comm import collectives
 from thrifty.sync import GradientSync
 from thrifty.zen.analysis import SHARE_PARTS, SKEW_PARTS, analyze_workload
@@ -268,6 +268,36 @@ def run_zen_benchmark(
         "load_average_before": os.getloadavg(),
         "runs": {},
     }
+    try:
+        _run_grid(payload, nodes, rates, densities, sources, schemes, reps, timeout, started)
+    except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: keep the (rate, n) runs that finished
+        payload["seconds"] = time.perf_counter() - started
+        payload["summary"] = summary_rows(payload) if payload["runs"] else []
+        write_partial("zen_bench", payload, exc)
+        raise
+    payload["seconds"] = time.perf_counter() - started
+    payload["summary"] = summary_rows(payload)
+    payload["goals"] = goal_checks(payload)
+    path = write_json("zen_bench", payload)
+    payload["json_path"] = str(path)
+    if plot:
+        payload["plot_path"] = str(plot_zen_bench(payload, results_dir() / "zen_bench.png"))
+    return payload
+
+
+def _run_grid(
+    payload: dict[str, Any],
+    nodes: Sequence[int],
+    rates: Sequence[str],
+    densities: Sequence[float],
+    sources: Sequence[str],
+    schemes: Sequence[str],
+    reps: int,
+    timeout: float,
+    started: float,
+) -> None:
+    """Prepare the inputs, then one torchrun job per (rate, n); fills ``payload`` as they end."""
+    train_iters, train_warmup = payload["train_iters"], payload["train_warmup"]
     with tempfile.TemporaryDirectory(prefix="thrifty-zen-") as tmp:
         inputs = Path(tmp) / "inputs.pt"
         iters = train_warmup + train_iters
@@ -293,14 +323,6 @@ def run_zen_benchmark(
                 run["load_average_after"] = os.getloadavg()
                 payload["runs"][f"{rate}/{n}"] = {"rate": rate, "nodes": n, **run}
                 log.info("zen bench %s, %d nodes: %.0f s", rate, n, run["seconds"])
-    payload["seconds"] = time.perf_counter() - started
-    payload["summary"] = summary_rows(payload)
-    payload["goals"] = goal_checks(payload)
-    path = write_json("zen_bench", payload)
-    payload["json_path"] = str(path)
-    if plot:
-        payload["plot_path"] = str(plot_zen_bench(payload, results_dir() / "zen_bench.png"))
-    return payload
 
 
 def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
