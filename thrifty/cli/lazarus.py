@@ -8,6 +8,7 @@ against the flags its message names), calls the entry point in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,25 +18,31 @@ import typer
 from rich.table import Table
 
 from thrifty.bench.results import results_dir, write_json
-from thrifty.cli.params import console, int_list
-from thrifty.lazarus.benchmark import LazarusBenchConfig, measured_costs, run_bench, train
-from thrifty.lazarus.runtime import LazarusConfig
+from thrifty.cli.params import console
+from thrifty.lazarus.benchmark import (
+    HFBenchConfig,
+    LazarusBenchConfig,
+    measured_costs,
+    run_bench,
+    run_bench_hf,
+)
+from thrifty.lazarus.launch import LaunchError, LazarusJob
 from thrifty.lazarus.simulate import SimConfig, simulate_all
+from thrifty.lazarus.train import MODELS, TrainJob
 
 app = typer.Typer(help="Lazarus: resilient MoE training with replicated experts.")
 
 # Config field -> the option that sets it, per command.
 TRAIN_FLAGS = {
     "workers": "--workers",
+    "model": "--model",
     "slots": "--slots",
     "experts": "--experts",
     "top_k": "--top-k",
     "steps": "--steps",
-    "kill_ranks": "--kill-rank",
-    "kill_at_step": "--kill-at-step",
+    "fault_tolerance": "--fault-tolerance",
+    "max_restarts": "--max-restarts",
     "checkpoint_every": "--checkpoint-every",
-    "joiners": "--joiners",
-    "join_at_step": "--join-at-step",
     "reallocate_every": "--reallocate-every",
 }
 BENCH_FLAGS = {
@@ -47,6 +54,24 @@ BENCH_FLAGS = {
     "slots": "--slots",
     "experts": "--experts",
     "scaling_nodes": "--scaling-nodes",
+}
+BENCH_HF_FLAGS = {
+    "workers": "--workers",
+    "repeats": "--repeats",
+    "kill_at_step": "--kill-at-step",
+    "kill_rank": "--kill-rank",
+    "checkpoint_every": "--checkpoint-every",
+    "duration_s": "--duration",
+    "mtbf_s": "--mtbf",
+    "max_failures": "--max-failures",
+    "hidden": "--hidden",
+    "experts": "--experts",
+    "seq": "--seq",
+    "batch": "--batch",
+    "vocab": "--vocab",
+    "slots": "--slots",
+    "recovery": "--recovery",
+    "goodput": "--goodput",
 }
 SIMULATE_FLAGS = {
     "nodes": "--nodes",
@@ -74,48 +99,68 @@ def _flags(flags: dict[str, str]) -> Iterator[None]:
         raise typer.BadParameter(str(exc), param_hint=named or None) from exc
 
 
-def _ranks(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int_list(text))
-    except typer.BadParameter as exc:
-        raise typer.BadParameter(exc.message, param_hint="'--kill-rank'") from exc
-
-
 @app.command("train")
 def lazarus_train(
-    workers: Annotated[int, typer.Option(help="Ranks (nodes) at the start.")] = 4,
-    slots: Annotated[int, typer.Option(help="Expert slots per node per MoE layer.")] = 3,
-    experts: Annotated[int, typer.Option(help="Experts per MoE layer.")] = 6,
-    top_k: Annotated[int, typer.Option(help="Gating: 1 or 2 experts per token.")] = 2,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 40,
-    kill_rank: Annotated[str, typer.Option(help="Comma-separated ranks to kill -9.")] = "2",
-    kill_at_step: Annotated[int, typer.Option(help="Step whose forward ends in the kill.")] = 20,
-    checkpoint_every: Annotated[int, typer.Option(help="Checkpoint interval (steps).")] = 10,
-    joiners: Annotated[int, typer.Option(help="New ranks that join during the run.")] = 0,
-    join_at_step: Annotated[int, typer.Option(help="Step at which joiners ask in.")] = -1,
+    workers: Annotated[int, typer.Option(help="Workers at the start (one torchrun each).")] = 4,
+    steps: Annotated[int, typer.Option(help="Training steps.")] = 100,
+    model: Annotated[
+        str, typer.Option(help=f"Tiny HF MoE model: {', '.join(MODELS)}.")
+    ] = "mixtral",
+    slots: Annotated[int, typer.Option(help="Expert slots per worker per MoE layer.")] = 3,
+    experts: Annotated[int, typer.Option(help="Experts per MoE layer.")] = 4,
+    top_k: Annotated[int, typer.Option(help="Experts per token.")] = 2,
+    fault_tolerance: Annotated[int, typer.Option(help="Replicas per expert (f).")] = 2,
+    max_restarts: Annotated[
+        int, typer.Option(help="Per torchrun: restarts of a dead worker (it rejoins).")
+    ] = 3,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Checkpoint interval, used only if an expert loses every replica.")
+    ] = 20,
     reallocate_every: Annotated[
         int, typer.Option(help="Re-plan replicas from recent token loads every K steps (0: off).")
     ] = 0,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Workers' pids, progress, reports and logs.")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Stop the job after this many seconds.")] = 1800,
 ) -> None:
-    """Train a small MoE GPT on ShareGPT, kill ranks mid-step, recover without reload."""
-    kill_ranks = _ranks(kill_rank)
+    """Train a tiny HF MoE model on ShareGPT with Lazarus; kill -9 any worker at any time.
+
+    A coordinator process holds the membership; each worker runs under its own
+    ``torchrun --standalone --max-restarts R``, so a dead worker is restarted by
+    its agent and rejoins as a new member while the others recover in place.
+    Find the workers' pids in RUN_DIR/pids.
+    """
     with _flags(TRAIN_FLAGS):
-        cfg = LazarusConfig(
-            workers=workers,
+        job = TrainJob(
+            model=model,
+            steps=steps,
             slots=slots,
             experts=experts,
             top_k=top_k,
-            steps=steps,
-            kill_ranks=kill_ranks,
-            kill_at_step=kill_at_step,
+            fault_tolerance=fault_tolerance,
             checkpoint_every=checkpoint_every,
-            joiners=joiners,
-            join_at_step=join_at_step,
             reallocate_every=reallocate_every,
         )
-    report = train(cfg)
-    path = write_json("lazarus_train", report)
-    table = Table(title=f"Lazarus: {workers} ranks, kill {kill_rank} at step {kill_at_step}")
+        running = LazarusJob(
+            job,
+            workers,
+            run_dir or results_dir() / "lazarus_train_run",
+            max_restarts=max_restarts,
+            timeout_s=timeout,
+        )
+    console.print(
+        f"Lazarus: {workers} workers, {model}, pids and logs in {running.run_dir} "
+        "(kill -9 any worker: it is restarted and rejoins)"
+    )
+    try:
+        with running:
+            report = running.wait()
+    except LaunchError as exc:
+        console.print(f"[red]Lazarus job failed[/red]: {exc}")
+        raise typer.Exit(1) from exc
+    path = write_json("lazarus_train", {"config": dataclasses.asdict(job), **report})
+    table = Table(title=f"Lazarus: {workers} workers, {model}, {steps} steps")
     columns = ("kind", "step", "members", "detect s", "regroup s", "transfer s", "moved", "reload")
     for column in columns:
         table.add_column(column)
@@ -128,13 +173,14 @@ def lazarus_train(
             f"{rec['regroup_s']:.3f}",
             f"{rec['transfer_s']:.3f}",
             str(rec["replicas_moved"]),
-            "yes" if rec["checkpoint_reload"] else "no",
+            "no" if rec["checkpoint_reload"] is None else f"step {rec['checkpoint_reload']}",
         )
     console.print(table)
     loss = report["loss"]
     console.print(
-        f"steps done {report['steps_done']}, loss {loss[0]:.3f} -> {loss[-1]:.3f}, "
-        f"checkpoint reloads {report['checkpoint_reloads']}; wrote {path}"
+        f"members finished {report['finished_members']} (rejoined {report['joined_members']}), "
+        f"loss {loss[0]:.3f} -> {loss[-1]:.3f}, checkpoint reloads "
+        f"{report['checkpoint_reloads']}, {report['wall_s']:.1f} s; wrote {path}"
     )
 
 
@@ -199,6 +245,100 @@ def lazarus_bench(
         f"experts: median {scaling['median_s']:.3f} s"
     )
     console.print(f"wrote {result.json_path}, " + " and ".join(str(p) for p in result.plots))
+
+
+@app.command("bench-hf")
+def lazarus_bench_hf(
+    workers: Annotated[int, typer.Option(help="Worker processes (>= 3).")] = 4,
+    repeats: Annotated[int, typer.Option(help="Interleaved repetitions of each recovery.")] = 3,
+    kill_at_step: Annotated[int, typer.Option(help="Recovery: kill -9 during this step.")] = 15,
+    kill_rank: Annotated[int, typer.Option(help="Recovery: the worker to kill.")] = 1,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Both systems checkpoint every this many steps.")
+    ] = 10,
+    duration: Annotated[
+        float, typer.Option(help="Goodput: seconds of training per system.")
+    ] = 120.0,
+    mtbf: Annotated[float, typer.Option(help="Goodput: mean seconds between kills.")] = 30.0,
+    max_failures: Annotated[
+        int, typer.Option(help="Goodput: at most this many kills (0: no cap).")
+    ] = 0,
+    seed: Annotated[int, typer.Option(help="Goodput: failure schedule and victims.")] = 0,
+    hidden: Annotated[int, typer.Option(help="Mixtral hidden size.")] = 64,
+    experts: Annotated[int, typer.Option(help="Mixtral experts per layer.")] = 8,
+    seq: Annotated[int, typer.Option(help="Tokens per sequence.")] = 64,
+    batch: Annotated[int, typer.Option(help="Sequences per worker per step.")] = 4,
+    vocab: Annotated[int, typer.Option(help="Compact ShareGPT vocabulary.")] = 2048,
+    slots: Annotated[
+        int, typer.Option(help="Lazarus slots per worker per layer (0: two replicas each).")
+    ] = 0,
+    recovery: Annotated[bool, typer.Option(help="Run the recovery benchmark.")] = True,
+    goodput: Annotated[bool, typer.Option(help="Run the goodput benchmark.")] = True,
+) -> None:
+    """HF Mixtral: recovery from kill -9 and goodput under failures, Lazarus vs torchrun restart."""
+    with _flags(BENCH_HF_FLAGS):
+        cfg = HFBenchConfig(
+            workers=workers,
+            repeats=repeats,
+            kill_at_step=kill_at_step,
+            kill_rank=kill_rank,
+            checkpoint_every=checkpoint_every,
+            duration_s=duration,
+            mtbf_s=mtbf,
+            max_failures=max_failures,
+            seed=seed,
+            hidden=hidden,
+            experts=experts,
+            seq=seq,
+            batch=batch,
+            vocab=vocab,
+            slots=slots,
+            recovery=recovery,
+            goodput=goodput,
+        )
+    result = run_bench_hf(cfg)
+    if result.recovery is not None:
+        rec = result.recovery
+        table = Table(title=f"HF Mixtral: recovery from kill -9 ({workers} workers, {repeats}x)")
+        for column in ("system", "kill -> training again", "min-max", "parts", "steps lost"):
+            table.add_column(column)
+        for name, summary in rec["summary"].items():
+            parts = ", ".join(
+                f"{k[:-2]} {v['median']:.2f}"
+                for k, v in summary.items()
+                if k not in ("total_s", "step_s", "checkpoint_s")
+            )
+            total = summary["total_s"]
+            table.add_row(
+                name,
+                f"{total['median']:.2f} s",
+                f"{total['min']:.2f}-{total['max']:.2f}",
+                parts,
+                str(rec["steps_lost"][name]),
+            )
+        console.print(table)
+        console.print(
+            f"Lazarus {rec['speedup']['median']:.1f}x faster (goal {rec['goal']['speedup']:g}x: "
+            f"{'met' if rec['goal']['met'] else 'not met'}); parameter/optimizer elements lost "
+            f"{rec['elements_lost']}"
+        )
+    if result.goodput is not None:
+        good = result.goodput
+        table = Table(title=f"HF Mixtral: goodput over {duration:g} s, MTBF {mtbf:g} s")
+        for column in ("system", "tokens/s", "failures", "time lost s", "step s"):
+            table.add_column(column)
+        for name in ("lazarus", "checkpoint_restart"):
+            g = good[name]
+            table.add_row(
+                name,
+                f"{g['goodput_tokens_per_s']:.0f}",
+                str(g["failures"]),
+                f"{g['time_lost_s']:.1f}",
+                f"{g['step_s']:.3f}",
+            )
+        console.print(table)
+        console.print(f"goodput Lazarus / checkpoint-restart: {good['ratio']:.2f}x")
+    console.print(f"wrote {result.json_path} and {result.plot}")
 
 
 @app.command("simulate")
