@@ -61,16 +61,30 @@ def _optimizer(kind: str) -> Any:
     return lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3)
 
 
-def _train(address: str, steps: int, optimizer: str, options: dict[str, Any]) -> dict[str, Any]:
-    """One worker: the user's loop. Token sequences count up mod VOCAB (learnable)."""
+def _train(
+    address: str,
+    steps: int,
+    optimizer: str,
+    options: dict[str, Any],
+    hold_for_joiner_at: int | None = None,
+) -> dict[str, Any]:
+    """One worker: the user's loop. Token sequences count up mod VOCAB (learnable).
+
+    ``hold_for_joiner_at``: between steps, at that step, wait until a joiner
+    has asked to join, so a slow joiner cannot miss the job on a loaded machine.
+    """
     model = _mixtral()
     test = _store(address)
+    job = dist.PrefixStore(options.get("namespace", "lazarus"), _store(address))
     mgr = Lazarus(model, _optimizer(optimizer), LazarusOptions(**options), store=address)
     test.set(f"test/pid/{mgr.member_id}", str(os.getpid()))
     test.set(f"test/slots/{mgr.member_id}", repr(mgr.replica_experts()))
     losses: dict[int, float] = {}
     while mgr.committed_steps < steps:
         step = mgr.committed_steps
+        if step == hold_for_joiner_at:
+            while job.add("joins", 0) == 0:
+                time.sleep(0.05)
         g = torch.Generator().manual_seed(1000 * step + mgr.rank)
         x = (torch.randint(0, VOCAB, (BATCH, 1), generator=g) + torch.arange(SEQ)) % VOCAB
 
@@ -326,7 +340,7 @@ def test_joiner_enters_at_a_step_boundary_with_state() -> None:
         )
         joiner.start()
         members = run_ranks(
-            _train, 3, coordinator.address, steps, "adamw", {"slots_per_rank": 2}, timeout=150
+            _train, 3, coordinator.address, steps, "adamw", {"slots_per_rank": 2}, 10, timeout=150
         )
         joined = pickle.loads(results.get(timeout=30))
         joiner.join(timeout=5)
