@@ -19,6 +19,14 @@ and a printable value, plus any error it met while building its part), and
   rank's value, e.g. ``parameter 'weight': shape differs across ranks: rank 0
   (4, 8), rank 1 (5, 8)``;
 * an error met on every rank alike is re-raised on every rank as it was.
+
+Non-finite values are the same problem at run time: one rank's NaN makes its
+compressor raise while the others wait in the collective, or, uncompressed,
+spreads into every rank's average. :func:`count_slots` and :func:`read_slots`
+fold one count per rank into a payload that is all-reduced anyway (one
+element per rank, each rank writing only its own), so every rank learns every
+rank's count in the same step without another round trip, and
+:class:`NonFiniteGradientError` reports them alike on every rank.
 """
 
 from __future__ import annotations
@@ -33,7 +41,17 @@ import torch.distributed as dist
 
 from thrifty.comm import collectives
 
-__all__ = ["Entry", "RankMismatchError", "check_agreement", "error_entry"]
+__all__ = [
+    "Entry",
+    "NonFiniteGradientError",
+    "RankMismatchError",
+    "check_agreement",
+    "count_slots",
+    "error_entry",
+    "nonfinite_count",
+    "nonfinite_message",
+    "read_slots",
+]
 
 _ERROR_LABEL = "error while setting up"
 _LISTED_RANKS = 4  # above this many ranks, ranks with the same value are grouped
@@ -45,6 +63,68 @@ class RankMismatchError(ValueError):
     Raised with the same message on every rank of the group, so none is left
     waiting in a collective and every log names the same difference.
     """
+
+
+class NonFiniteGradientError(FloatingPointError, ValueError):
+    """A gradient held NaN or Inf on some rank; raised alike on every rank, in the same step.
+
+    ``counts`` maps what held them (a parameter group, a bucket) to
+    ``{rank: count}``; a count at the payload's cap is a lower bound.
+    """
+
+    def __init__(self, message: str, counts: dict[str, dict[int, int]]) -> None:
+        super().__init__(message)
+        self.counts = counts
+
+
+def nonfinite_count(flat: torch.Tensor) -> int:
+    """How many elements of ``flat`` are NaN or +-Inf (0 after one reduction when none is)."""
+    if flat.numel() == 0:
+        return 0
+    # One reduction without a temporary: NaN and Inf reach the sum; only a
+    # non-finite sum (which an overflow of finite values also gives) pays the
+    # elementwise scan. The compressors' own check does the same.
+    wide = torch.float32 if flat.dtype in (torch.float16, torch.bfloat16) else None
+    if bool(torch.isfinite(flat.sum(dtype=wide))):
+        return 0
+    return int((~torch.isfinite(flat)).sum())
+
+
+def _cap(dtype: torch.dtype) -> int:
+    """The largest count a slot of ``dtype`` holds exactly."""
+    if dtype.is_floating_point:
+        return int(2 / torch.finfo(dtype).eps)  # 2**(mantissa bits + 1)
+    if dtype == torch.bool:
+        return 1
+    return int(torch.iinfo(dtype).max)
+
+
+def count_slots(count: int, rank: int, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """``size`` elements of ``dtype``, zero but for this rank's ``count`` (capped) at ``rank``.
+
+    Appended to a payload that is summed (or max-reduced) over the group, the
+    slots come back holding every rank's count: each rank writes only its own.
+    """
+    slots = torch.zeros(size, dtype=dtype)
+    slots[rank] = min(count, _cap(dtype))
+    return slots
+
+
+def read_slots(slots: torch.Tensor) -> dict[int, int]:
+    """``{rank: count}`` of the ranks whose slot is non-zero."""
+    values = slots.to(torch.float64).tolist()
+    return {r: int(v) for r, v in enumerate(values) if v}
+
+
+def nonfinite_message(what: str, counts: dict[str, dict[int, int]], outcome: str) -> str:
+    """``what: NaN/Inf gradient values on rank 1: 3 in group 0 (fc.weight); <outcome>``."""
+    by_rank: dict[int, list[str]] = {}
+    for place, per_rank in counts.items():
+        for rank, n in per_rank.items():
+            by_rank.setdefault(rank, []).append(f"{n} in {place}")
+    parts = [f"rank {r}: {', '.join(places)}" for r, places in sorted(by_rank.items())]
+    where = "; ".join(parts)
+    return f"{what}: NaN/Inf gradient values on {len(by_rank)} rank(s) ({where}); {outcome}"
 
 
 @dataclass(frozen=True)

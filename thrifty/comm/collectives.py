@@ -14,6 +14,15 @@ Byte accounting. Every call adds to the active :class:`CommLedger` objects:
   all-gather sends its contribution to ``n-1`` peers, all-to-all sends each
   peer its chunk; size exchanges are included. A rank's bytes to itself are free.
 
+Timeouts. A dead peer makes gloo fail at once ("Connection closed by peer"),
+but a *silent* one (stopped, stuck in a debugger, swapping) leaves every other
+rank blocked until the process group's timeout, 30 minutes by default. Inside
+``with collective_timeout(seconds):`` every collective of this module issued
+by this thread carries its own timeout (gloo fails the operation itself, so
+nothing stays blocked in its worker thread either), and whatever fails comes
+out as a :class:`CollectiveError` naming the collective, the process group and
+the timeout: :class:`SyncTimeoutError` for a peer that never answered.
+
 Example::
 
     with count_bytes() as ledger:
@@ -24,25 +33,33 @@ Example::
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import torch
 import torch.distributed as dist
+from torch.distributed import distributed_c10d
 
 __all__ = [
+    "CollectiveError",
     "CommLedger",
     "Layout",
     "Pending",
+    "SyncTimeoutError",
     "all_gather",
     "all_gather_packed",
     "all_gather_v",
     "all_reduce",
     "all_to_all_v",
+    "backend_timeout",
+    "collective_timeout",
     "count_bytes",
+    "explained",
     "pack",
     "unpack",
     "wire_bytes",
@@ -135,17 +152,189 @@ def wire_bytes(primitive: str, nbytes: int, world_size: int) -> float:
     )
 
 
+# --------------------------------------------------------------------------- timeouts
+
+Timeout = float | datetime.timedelta
+
+
+class CollectiveError(RuntimeError):
+    """A collective failed on this rank because a peer is gone or closed its connection.
+
+    ``op`` is the collective, ``group`` describes the process group, ``timeout``
+    the seconds the operation was allowed. The process group cannot be used
+    after this: end the job (every survivor gets such an error) and restart it.
+    """
+
+    def __init__(self, message: str, op: str, group: str, timeout: float | None) -> None:
+        super().__init__(message)
+        self.op = op
+        self.group = group
+        self.timeout = timeout
+
+
+class SyncTimeoutError(CollectiveError, TimeoutError):
+    """A collective got no answer within its timeout: a peer is stopped, stuck or unreachable."""
+
+
+_scope = threading.local()  # .timeout: seconds for collectives issued by this thread
+_timeout_lock = threading.Lock()  # the backend's default timeout is set around each issue
+_TIMED_OUT = ("timed out", "timeout")
+_PEER_LOST = ("connection closed by peer", "connection reset", "broken pipe", "pair closure")
+
+
+def _seconds(timeout: Timeout) -> float:
+    value = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
+    if not value > 0:
+        raise ValueError(f"a collective timeout must be > 0 seconds, got {timeout!r}")
+    return value
+
+
+@contextlib.contextmanager
+def collective_timeout(timeout: Timeout | None) -> Iterator[None]:
+    """Collectives of this module issued by this thread in the block fail after ``timeout``.
+
+    ``timeout`` is seconds or a ``timedelta``; None keeps the process group's
+    own (``init_process_group(timeout=...)``). Each operation carries the
+    timeout from when it is issued, so an asynchronous one waited for after
+    the block still ends in time. Blocks nest; the innermost wins.
+    """
+    previous = getattr(_scope, "timeout", None)
+    _scope.timeout = previous if timeout is None else _seconds(timeout)
+    try:
+        yield
+    finally:
+        _scope.timeout = previous
+
+
+def _backend(group: dist.ProcessGroup | None) -> Any:
+    """The CPU backend of ``group`` when it can take a per-operation timeout (gloo), else None."""
+    try:
+        pg = group if group is not None else distributed_c10d._get_default_group()
+        backend = pg._get_backend(torch.device("cpu"))
+    except (RuntimeError, AttributeError, ValueError):
+        return None
+    if not hasattr(backend, "_set_default_timeout") or not hasattr(backend, "options"):
+        return None
+    return backend
+
+
+@contextlib.contextmanager
+def backend_timeout(group: dist.ProcessGroup | None, timeout: Timeout | None) -> Iterator[None]:
+    """Every operation issued on ``group`` in the block, by any code, fails after ``timeout``.
+
+    For code that calls ``torch.distributed`` directly (a planner's broadcast)
+    rather than this module; only one thread should issue on ``group`` meanwhile.
+    """
+    backend = None if timeout is None else _backend(group)
+    if backend is None:
+        yield
+        return
+    with _timeout_lock:
+        old = backend.options._timeout
+        backend._set_default_timeout(datetime.timedelta(seconds=_seconds(timeout)))  # type: ignore[arg-type]
+    try:
+        yield
+    finally:
+        with _timeout_lock:
+            backend._set_default_timeout(old)
+
+
+def _current_timeout(group: dist.ProcessGroup | None) -> float | None:
+    scoped = getattr(_scope, "timeout", None)
+    if scoped is not None:
+        return scoped
+    backend = _backend(group)
+    return None if backend is None else backend.options._timeout.total_seconds()
+
+
+def _start(
+    op: str, group: dist.ProcessGroup | None, call: Callable[[], dist.Work | None]
+) -> dist.Work | None:
+    """Issue one asynchronous operation with this thread's timeout, if any."""
+    seconds = getattr(_scope, "timeout", None)
+    backend = None if seconds is None else _backend(group)
+    try:
+        if backend is None:
+            return call()
+        with _timeout_lock:
+            old = backend.options._timeout
+            backend._set_default_timeout(datetime.timedelta(seconds=seconds))
+            try:
+                return call()
+            finally:
+                backend._set_default_timeout(old)
+    except RuntimeError as exc:
+        raise explained(exc, op, group, seconds) from exc
+
+
+def _describe_group(group: dist.ProcessGroup | None) -> str:
+    try:
+        ranks = dist.get_process_group_ranks(group or distributed_c10d._get_default_group())
+    except (RuntimeError, ValueError):
+        return "an unknown process group"
+    if group is None or group is dist.group.WORLD:
+        return f"the default process group ({len(ranks)} ranks)"
+    return f"the process group of ranks {ranks}"
+
+
+def explained(
+    exc: RuntimeError, op: str, group: dist.ProcessGroup | None, seconds: float | None
+) -> RuntimeError:
+    """``exc`` as a :class:`CollectiveError` when it says a peer is silent or gone."""
+    text = str(exc).lower()
+    timed_out = any(m in text for m in _TIMED_OUT)
+    if isinstance(exc, CollectiveError) or not (timed_out or any(m in text for m in _PEER_LOST)):
+        return exc
+    where = _describe_group(group)
+    if seconds is None:
+        seconds = _current_timeout(group)
+    limit = f"{seconds:g} s" if seconds is not None else "the process group's timeout"
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    if timed_out:
+        return SyncTimeoutError(
+            f"{op} over {where} got no answer within {limit} on rank {rank}: a peer rank is "
+            "stopped, hung (in data loading, a debugger, a deadlock) or much slower, or the "
+            "network between ranks is down. Check every rank's log and stack (py-spy dump), "
+            "or raise the timeout (GradientSync(timeout=...), init_process_group(timeout=...)). "
+            f"The process group is unusable now: restart the job. ({exc})",
+            op,
+            where,
+            seconds,
+        )
+    return CollectiveError(
+        f"{op} over {where} failed on rank {rank}: a peer closed its connection, so it died "
+        "or raised; its own log names the cause. The process group is unusable now: "
+        f"restart the job. ({exc})",
+        op,
+        where,
+        seconds,
+    )
+
+
 # --------------------------------------------------------------------------- async handles
 
 
 class Pending(Generic[T]):
-    """The result of an ``async_op=True`` collective: call :meth:`wait` to get it."""
+    """The result of an ``async_op=True`` collective: call :meth:`wait` to get it.
 
-    def __init__(self, work: dist.Work | None, finish: Callable[[], T]) -> None:
+    A failure of the operation (a peer gone or silent past its timeout) comes
+    out of :meth:`wait` and :meth:`then` as a :class:`CollectiveError`.
+    """
+
+    def __init__(
+        self,
+        work: dist.Work | None,
+        finish: Callable[[], T],
+        op: str = "collective",
+        group: dist.ProcessGroup | None = None,
+    ) -> None:
         self._work = work
         self._finish = finish
         self._done = False
         self._value: T | None = None
+        self._op = op
+        self._group = group
+        self._timeout = getattr(_scope, "timeout", None)
 
     def is_completed(self) -> bool:
         return self._done or self._work is None or self._work.is_completed()
@@ -166,7 +355,10 @@ class Pending(Generic[T]):
         """
 
         def on_done(fut: torch.futures.Future[Any]) -> Any:
-            fut.value()  # re-raises the collective's error, if any
+            try:
+                fut.value()  # re-raises the collective's error, if any
+            except RuntimeError as exc:
+                raise explained(exc, self._op, self._group, self._timeout) from exc
             if not self._done:
                 self._value, self._done = self._finish(), True
             return fn(self._value)  # type: ignore[arg-type]
@@ -176,10 +368,26 @@ class Pending(Generic[T]):
     def wait(self) -> T:
         if not self._done:
             if self._work is not None:
-                self._work.wait()
+                _wait(self._work, self._op, self._group, self._timeout)
             self._value = self._finish()
             self._done = True
         return self._value  # type: ignore[return-value]
+
+
+def _wait(
+    work: dist.Work | None, op: str, group: dist.ProcessGroup | None, seconds: float | None
+) -> None:
+    if work is None:
+        return
+    try:
+        work.wait()
+    except RuntimeError as exc:
+        raise explained(exc, op, group, seconds) from exc
+
+
+def _run(op: str, group: dist.ProcessGroup | None, call: Callable[[], dist.Work | None]) -> None:
+    """Issue ``call`` (an ``async_op=True`` operation) with the timeout and wait for it."""
+    _wait(_start(op, group, call), op, group, getattr(_scope, "timeout", None))
 
 
 def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
@@ -211,9 +419,13 @@ def all_reduce(
     """In-place all-reduce of ``tensor``; returns it (or a :class:`Pending` of it)."""
     _, n = _world(group)
     _record("all_reduce", _nbytes(tensor), math.ceil(wire_bytes("all_reduce", _nbytes(tensor), n)))
-    work = dist.all_reduce(tensor, op=op, group=group, async_op=async_op)
+
+    def call() -> dist.Work | None:
+        return dist.all_reduce(tensor, op=op, group=group, async_op=True)
+
     if async_op:
-        return Pending(work, lambda: tensor)
+        return Pending(_start("all_reduce", group, call), lambda: tensor, "all_reduce", group)
+    _run("all_reduce", group, call)
     return tensor
 
 
@@ -247,7 +459,9 @@ def all_gather(
     else:
         send = _workspace(n * flat.numel(), flat.dtype, flat.device)
         send.view(n, -1).copy_(flat.expand(n, -1))
-    work = dist.all_to_all_single(recv, send, group=group, async_op=async_op)
+
+    def call() -> dist.Work | None:
+        return dist.all_to_all_single(recv, send, group=group, async_op=True)
 
     def finish() -> list[torch.Tensor]:
         parts = (
@@ -263,7 +477,8 @@ def all_gather(
         return out
 
     if async_op:
-        return Pending(work, finish)
+        return Pending(_start("all_gather", group, call), finish, "all_gather", group)
+    _run("all_gather", group, call)
     return finish()
 
 
@@ -288,7 +503,11 @@ def _exchange_counts(counts: torch.Tensor, group: dist.ProcessGroup | None) -> t
     """All-to-all of one int64 per peer: returns what every peer will send us."""
     _, n = _world(group)
     received = torch.empty_like(counts)
-    dist.all_to_all_single(received, counts, group=group)
+    _run(
+        "size exchange",
+        group,
+        lambda: dist.all_to_all_single(received, counts, group=group, async_op=True),
+    )
     _record("size_exchange", 0, (n - 1) * _SIZE_BYTES)
     return received
 
@@ -322,20 +541,23 @@ def all_gather_v(
     _record("all_gather_v", _nbytes(tensor), (n - 1) * _nbytes(tensor))
     send = tensor.repeat(n) if n > 1 else tensor
     recv = torch.empty(sum(sizes), dtype=tensor.dtype)
-    work = dist.all_to_all_single(
-        recv,
-        send,
-        output_split_sizes=sizes,
-        input_split_sizes=[tensor.numel()] * n,
-        group=group,
-        async_op=async_op,
-    )
+
+    def call() -> dist.Work | None:
+        return dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=sizes,
+            input_split_sizes=[tensor.numel()] * n,
+            group=group,
+            async_op=True,
+        )
 
     def finish() -> list[torch.Tensor]:
         return list(torch.split(recv, sizes))
 
     if async_op:
-        return Pending(work, finish)
+        return Pending(_start("all_gather_v", group, call), finish, "all_gather_v", group)
+    _run("all_gather_v", group, call)
     return finish()
 
 
@@ -402,20 +624,23 @@ def all_to_all_v(
         )
     else:
         recv = out
-    work = dist.all_to_all_single(
-        recv,
-        send,
-        output_split_sizes=recv_sizes,
-        input_split_sizes=send_sizes,
-        group=group,
-        async_op=async_op,
-    )
+
+    def call() -> dist.Work | None:
+        return dist.all_to_all_single(
+            recv,
+            send,
+            output_split_sizes=recv_sizes,
+            input_split_sizes=send_sizes,
+            group=group,
+            async_op=True,
+        )
 
     def finish() -> list[torch.Tensor]:
         return list(torch.split(recv, recv_sizes))
 
     if async_op:
-        return Pending(work, finish)
+        return Pending(_start("all_to_all_v", group, call), finish, "all_to_all_v", group)
+    _run("all_to_all_v", group, call)
     return finish()
 
 

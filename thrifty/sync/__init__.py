@@ -11,7 +11,8 @@ get the same :class:`RankMismatchError` on every rank, at construction.
 
 from __future__ import annotations
 
-from thrifty.comm.agreement import RankMismatchError
+from thrifty.comm.agreement import NonFiniteGradientError, RankMismatchError
+from thrifty.comm.collectives import CollectiveError, SyncTimeoutError
 from thrifty.sync.engine import (
     GradientSync,
     Planner,
@@ -22,13 +23,16 @@ from thrifty.sync.engine import (
 from thrifty.sync.plan import Group, Plan, Strategy
 
 __all__ = [
+    "CollectiveError",
     "GradientSync",
     "Group",
+    "NonFiniteGradientError",
     "Plan",
     "Planner",
     "RankMismatchError",
     "SparseSync",
     "Strategy",
+    "SyncTimeoutError",
     "register_planner",
     "register_sparse_scheme",
 ]

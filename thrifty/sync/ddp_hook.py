@@ -15,6 +15,17 @@ checked the parameters already) and raises the same
 ``state.state_dict()`` carries error feedback and compressor state into a
 checkpoint.
 
+NaN/Inf in a bucket on any rank (``nonfinite="raise"``, the default): each
+rank's count rides in the bucket's own collective (one slot per rank appended
+to an all-reduced payload, 8 bytes packed with a gathered one), so every rank
+fails the same ``backward()`` with the same message, that of a
+:class:`~thrifty.comm.agreement.NonFiniteGradientError` (DDP re-raises a
+hook's error as a ``RuntimeError`` carrying it). With ``nonfinite="skip"``
+every rank zeroes the bucket, leaves error feedback as it was and sets
+``state.skipped_last_step``: DDP writes the other buckets' gradients anyway,
+so check it and skip ``optimizer.step()`` (as ``GradScaler.step`` does).
+``timeout=`` bounds every collective the hook issues.
+
 Example::
 
     ddp = DistributedDataParallel(model)
@@ -26,6 +37,7 @@ Example::
 
 # No `from __future__ import annotations` here: DDP inspects the hook's
 # signature and insists that `bucket` is annotated with the real dist.GradBucket.
+import datetime
 import json
 from typing import Any
 
@@ -33,7 +45,15 @@ import torch
 import torch.distributed as dist
 
 from thrifty.comm import collectives
-from thrifty.comm.agreement import Entry, check_agreement
+from thrifty.comm.agreement import (
+    Entry,
+    NonFiniteGradientError,
+    check_agreement,
+    count_slots,
+    nonfinite_count,
+    nonfinite_message,
+    read_slots,
+)
 from thrifty.compressors.base import decode_key, encode_key
 from thrifty.sync.plan import Strategy, has_feedback
 
@@ -53,6 +73,10 @@ class CompressionHookState:
             compressor, its options, the memory, the world size and the first
             bucket (one small all-gather), raising the same
             :class:`~thrifty.comm.agreement.RankMismatchError` on every rank.
+        nonfinite: ``"raise"``, ``"skip"`` or ``"off"``: see the module docstring.
+        timeout: seconds (or a ``timedelta``) each collective of the hook may
+            wait; None keeps the process group's. A silent peer then gives a
+            :class:`~thrifty.comm.collectives.SyncTimeoutError` on every survivor.
         **options: the compressor's keyword arguments.
 
     Error feedback is kept per bucket, keyed by (bucket index, size). DDP
@@ -71,10 +95,26 @@ class CompressionHookState:
         memory: str = "default",
         *,
         check: bool = True,
+        nonfinite: str = "raise",
+        timeout: float | datetime.timedelta | None = None,
         **options: Any,
     ) -> None:
+        if nonfinite not in ("raise", "skip", "off"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
+        if isinstance(timeout, datetime.timedelta):
+            timeout = timeout.total_seconds()
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout!r}")
+        self.nonfinite = nonfinite
+        self.timeout: float | None = timeout
+        self.skipped_last_step = False
+        self.skipped_steps = 0
+        self._dropping = False  # this iteration is being dropped (skip mode)
+        self._snapshots: dict[Any, dict[str, torch.Tensor]] = {}  # this iteration's
         self.strategy = Strategy.make(compressor, None, memory, **options)
         self.compressor = self.strategy.build_compressor()
+        if self.compressor is not None and nonfinite != "off":
+            self.compressor.check_finite = False  # the hook checks, on every rank alike
         self.memory = self.strategy.build_memory()
         self.process_group = process_group
         self.ledger = collectives.CommLedger()
@@ -125,10 +165,55 @@ class CompressionHookState:
             Entry("compressor", str(self.strategy.compressor), hint),
             Entry("compressor configuration", options, hint),
             Entry("memory", self.strategy.memory, hint),
+            Entry("nonfinite", self.nonfinite, hint),
             Entry("first bucket", f"{bucket_numel} elements of {bucket_dtype}"),
         ]
         check_agreement(entries, self.process_group, "compression_hook")
         self.checked = True
+
+    def begin_bucket(self, key: Any, flat: torch.Tensor) -> int:
+        """This rank's NaN/Inf count of a bucket (zeroed then); keeps its error feedback."""
+        if self.nonfinite == "off":
+            return 0
+        if key[0] == 0:  # DDP launches buckets in index order: a new iteration
+            self._snapshots = {}
+            self._dropping = False
+            self.skipped_last_step = False
+        if self.memory is not None:
+            self._snapshots[key] = self.memory.export_state(key)  # replaced, never written
+        count = nonfinite_count(flat)
+        if count:
+            flat.zero_()  # sent as zeros: every rank still runs the collective
+        return count
+
+    def end_bucket(self, key: Any, seen: dict[int, int], buffer: torch.Tensor) -> None:
+        """Raise, or drop the iteration, alike on every rank when any rank saw NaN/Inf."""
+        if not seen and not self._dropping:
+            return
+        restore = self._snapshots if seen and not self._dropping else {key: self._snapshots[key]}
+        if self.memory is not None:
+            for k, saved in restore.items():
+                self.memory.reset(k)
+                if saved:
+                    self.memory.import_state(k, saved)
+        buffer.zero_()
+        if not seen:  # a later bucket of a dropped iteration
+            return
+        counts = {f"bucket {key[0]} ({key[1]} elements)": seen}
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                nonfinite_message(
+                    "compression_hook",
+                    counts,
+                    "every rank raises this error; error feedback is unchanged. Lower the "
+                    "learning rate, scale the loss, or pass nonfinite='skip'",
+                ),
+                counts,
+            )
+        if not self._dropping:
+            self._dropping = True
+            self.skipped_last_step = True
+            self.skipped_steps += 1
 
     def state_dict(self) -> dict[str, Any]:
         """Error feedback and compressor state of this rank, for a checkpoint.
@@ -201,16 +286,25 @@ def compression_hook(
     key = (bucket.index(), buffer.numel())
     state.follow_layout(key, bucket)
     flat = buffer.to(torch.float32)
+    count = state.begin_bucket(key, flat)
+    checks = state.nonfinite != "off"
     compensated = state.memory.compensate(flat, key) if has_feedback(state.memory) else flat
+    rank = dist.get_rank(group)
+    scope = collectives.collective_timeout(state.timeout)
 
     if compressor.allreduce_compatible:
         rounds = compressor.allreduce_rounds(compensated / n, key)
         request = next(rounds)
-        own = request.tensor.clone()
-        with collectives.count_bytes(state.ledger):
-            pending = collectives.all_reduce(request.tensor, group=group, async_op=True)
+        own = request.tensor
+        send = own.clone()
+        if checks:  # the sent copy carries the count slots
+            send = torch.cat([own.reshape(-1), count_slots(count, rank, n, own.dtype)])
+        with collectives.count_bytes(state.ledger), scope:
+            pending = collectives.all_reduce(send, group=group, async_op=True)
 
         def finish_allreduce(reduced: torch.Tensor) -> torch.Tensor:
+            seen = read_slots(reduced[own.numel() :]) if checks else {}
+            reduced = reduced[: own.numel()].view_as(own)
             try:
                 rounds.send(reduced)
             except StopIteration as stop:
@@ -221,6 +315,7 @@ def compression_hook(
                 sent = compressor.decompress((own,), flat.numel(), key) * n
                 state.memory.update(key, compensated, sent)
             buffer.copy_(mean.to(buffer.dtype))
+            state.end_bucket(key, seen, buffer)
             return buffer
 
         return pending.then(finish_allreduce)  # type: ignore[union-attr]
@@ -228,7 +323,8 @@ def compression_hook(
     if compressor.supports_allreduce_rounds:  # multi-round: synchronous, no overlap
         rounds = compressor.allreduce_rounds(compensated, key)
         reduced = None
-        with collectives.count_bytes(state.ledger):
+        seen: dict[int, int] = {}
+        with collectives.count_bytes(state.ledger), scope:
             while True:
                 try:
                     request = rounds.send(reduced) if reduced is not None else next(rounds)
@@ -236,10 +332,19 @@ def compression_hook(
                     total: torch.Tensor = stop.value
                     break
                 op = dist.ReduceOp.MAX if request.op == "max" else dist.ReduceOp.SUM
-                reduced = collectives.all_reduce(request.tensor, op, group)
+                if reduced is None and checks:  # the first round carries the count slots
+                    first = request.tensor
+                    slots = count_slots(count, rank, n, first.dtype)
+                    both = torch.cat([first.reshape(-1), slots])
+                    collectives.all_reduce(both, op, group)
+                    seen = read_slots(both[first.numel() :])
+                    reduced = both[: first.numel()].view_as(first)
+                else:
+                    reduced = collectives.all_reduce(request.tensor, op, group)
         if has_feedback(state.memory):
             state.memory.update(key, compensated, total / n)
         buffer.copy_((total / n).to(buffer.dtype))
+        state.end_bucket(key, seen, buffer)
         done: torch.futures.Future[torch.Tensor] = torch.futures.Future()
         done.set_result(buffer)
         return done
@@ -247,14 +352,21 @@ def compression_hook(
     payload = compressor.compress(compensated, key)
     if has_feedback(state.memory):
         state.memory.update(key, compensated, compressor.decompress(payload, flat.numel(), key))
+    if checks:
+        payload = (*payload, torch.tensor([count], dtype=torch.int64))
     layout = collectives.Layout.of(payload)
-    with collectives.count_bytes(state.ledger):
+    with collectives.count_bytes(state.ledger), scope:
         gather = collectives.all_gather(collectives.pack(payload), group, async_op=True)
 
     def finish_allgather(gathered: list[torch.Tensor]) -> torch.Tensor:
         payloads = [collectives.unpack(buf, layout) for buf in gathered]
+        seen: dict[int, int] = {}
+        if checks:
+            seen = {r: int(p[-1][0]) for r, p in enumerate(payloads) if int(p[-1][0])}
+            payloads = [p[:-1] for p in payloads]
         total = compressor.aggregate(payloads, flat.numel(), key)
         buffer.copy_((total / n).to(buffer.dtype))
+        state.end_bucket(key, seen, buffer)
         return buffer
 
     return gather.then(finish_allgather)  # type: ignore[union-attr]

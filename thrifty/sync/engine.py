@@ -75,6 +75,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import copy
+import datetime
 import json
 import logging
 import math
@@ -90,13 +91,22 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from thrifty.comm import collectives
-from thrifty.comm.agreement import Entry, check_agreement
+from thrifty.comm.agreement import (
+    Entry,
+    NonFiniteGradientError,
+    check_agreement,
+    count_slots,
+    nonfinite_count,
+    nonfinite_message,
+    read_slots,
+)
 from thrifty.comm.topology import NodeGroups, split_groups
 from thrifty.compressors import Compressor
 from thrifty.compressors.memory import Memory
 from thrifty.sync.plan import Group, Plan, Strategy, has_feedback
 
 __all__ = [
+    "NONFINITE_MODES",
     "GradientSync",
     "Planner",
     "SparseSync",
@@ -107,6 +117,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+NONFINITE_MODES = ("raise", "skip", "off")
+"""What ``GradientSync(nonfinite=...)`` does when a gradient holds NaN/Inf on some rank."""
 
 # Planners turn (sync engine, strategy) into a Plan; MergeComp and ByteComp
 # register a factory of planners here when they are imported, so the engine
@@ -230,6 +243,11 @@ class _GroupState:
     finish: Finish | None = None
     launched: concurrent.futures.Future[Finish] | None = None  # its launch on the launcher
     sparse: bool = False  # synced by its sparse schemes at the end of backward
+    nonfinite: int = 0  # NaN/Inf elements of this rank's gradient, this iteration
+    seen: dict[int, int] = field(default_factory=dict)  # every rank's count, after the collective
+    # Error feedback as it was before this iteration, by reference (memories
+    # replace their tensors, never write into them): restored on a dropped step.
+    snapshots: list[tuple[Memory, Hashable, dict[str, Tensor]]] = field(default_factory=list)
 
 
 class GradientSync:
@@ -267,6 +285,27 @@ class GradientSync:
             ``"zen"`` and the schemes it is compared with), a :class:`SparseSync`
             object (copied for each parameter), a callable returning a fresh
             one (called once per parameter), or None to densify sparse gradients.
+        nonfinite: what happens when a gradient holds NaN or Inf on any rank.
+            ``"raise"``: every rank raises the same
+            :class:`~thrifty.comm.agreement.NonFiniteGradientError` at the end of
+            that ``backward()``, naming the groups, ranks and counts. ``"skip"``:
+            every rank drops the step, as ``torch.amp.GradScaler`` does: every
+            ``.grad`` is set to None (so ``optimizer.step()`` changes nothing),
+            error feedback is left as it was, ``skipped_last_step`` is True and
+            ``skipped_steps`` counts them. Either way each rank's count rides in
+            the group's own collective (one element per rank, or 8 bytes per
+            packed payload): no extra round trip; the compressors' own per-tensor
+            check is then off. ``"off"``: no agreement; a compressor that checks
+            raises on its rank alone (its peers then fail in the collective).
+            Sparse groups agree through their scheme: Zen's input check carries
+            the counts; other schemes get one small all-reduce per step.
+        timeout: seconds (or a ``timedelta``) each collective of this engine may
+            wait for its peers; None keeps the process group's timeout (30 min
+            by default). A peer that is stopped or hung then gives every
+            survivor a :class:`~thrifty.comm.collectives.SyncTimeoutError`
+            naming the collective, the process group and the timeout; a dead
+            peer a :class:`~thrifty.comm.collectives.CollectiveError` at once.
+            Planners' own broadcasts between iterations get it too.
         **compressor_options: keyword arguments of the compressor (e.g. ``ratio``).
     """
 
@@ -283,12 +322,24 @@ class GradientSync:
         broadcast_parameters: bool = True,
         check_plan: bool = True,
         sparse_scheme: str | SparseSync | SparseSchemeFactory | None = None,
+        nonfinite: str = "raise",
+        timeout: float | datetime.timedelta | None = None,
         **compressor_options: Any,
     ) -> None:
         if not dist.is_initialized():
             raise RuntimeError(
                 "GradientSync needs torch.distributed: call init_process_group first"
             )
+        if nonfinite not in NONFINITE_MODES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+        if isinstance(timeout, datetime.timedelta):
+            timeout = timeout.total_seconds()
+        if timeout is not None and not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout!r}")
+        self.nonfinite = nonfinite
+        self.timeout: float | None = timeout
+        self.skipped_last_step = False  # the last synchronised backward was dropped
+        self.skipped_steps = 0
         if ranks_per_node is not None and ranks_per_node < 1:
             raise ValueError(f"ranks_per_node must be >= 1, got {ranks_per_node}")
         self.model = model
@@ -334,7 +385,8 @@ class GradientSync:
                 raise
             error = exc
         if check_plan:  # before any other collective: mismatched sizes abort gloo
-            self._check_agreement(error)
+            with collectives.collective_timeout(self.timeout):
+                self._check_agreement(error)
         # Planners that tune online (and keep a decision a checkpoint must carry)
         # hooked themselves in while the plan was resolved; they stay known here
         # after they detach from iteration_callbacks.
@@ -373,10 +425,13 @@ class GradientSync:
         return get_planner(plan)(self, self.strategy)
 
     def _broadcast_state(self) -> None:
-        with torch.no_grad():
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad(), collectives.backend_timeout(self.group, self.timeout):
             for t in [*self.model.parameters(), *self.model.buffers()]:
-                src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-                dist.broadcast(t.data, src=src, group=self.group)
+                try:
+                    dist.broadcast(t.data, src=src, group=self.group)
+                except RuntimeError as exc:
+                    raise collectives.explained(exc, "broadcast", self.group, self.timeout) from exc
 
     def _check_agreement(self, error: BaseException | None = None) -> None:
         """One all-gather of a digest of :meth:`_description`; the same error on every rank.
@@ -395,7 +450,11 @@ class GradientSync:
         shape of whatever came after it).
         """
         model_hint = "every rank must build the same model, as DDP requires"
-        entries = [Entry("world size", str(self.world_size))]
+        entries = [
+            Entry("world size", str(self.world_size)),
+            # it changes every payload's size
+            Entry("nonfinite", self.nonfinite, "pass the same nonfinite= on every rank"),
+        ]
         if self._ranks_per_node is not None:
             entries.append(Entry("ranks_per_node", str(self._ranks_per_node)))
         params = list(self.model.named_parameters())
@@ -490,6 +549,9 @@ class GradientSync:
         groups = []
         for i, g in enumerate(plan.groups):
             params = [self._params[n] for n in g.names]
+            compressor = _with_layer_shape(g.strategy, params)
+            if compressor is not None and self.nonfinite != "off":
+                compressor.check_finite = False  # the engine checks, on every rank alike
             sparse = [n in self._sparse_names for n in g.names]
             if self.sparse_scheme is not None and any(sparse) and not all(sparse):
                 mixed = [n for n, s in zip(g.names, sparse, strict=True) if s]
@@ -505,7 +567,7 @@ class GradientSync:
                     index=i,
                     group=g,
                     params=params,
-                    compressor=_with_layer_shape(g.strategy, params),
+                    compressor=compressor,
                     memory=g.strategy.build_memory(),
                     second_memory=g.strategy.build_memory()
                     if g.strategy.collective == "all_to_all"
@@ -754,25 +816,73 @@ class GradientSync:
             self._next_launch += 1
 
     def _finish_backward(self) -> None:
+        # Every rank's NaN/Inf counts, by group, once a collective has told them.
+        # They are the same on every rank, so every rank drops the same step.
+        counts: dict[str, dict[int, int]] = {}
         try:
-            while self._next_launch < len(self._groups):  # groups with unused parameters
-                self._launch(self._groups[self._next_launch])
-                self._next_launch += 1
-            for state in self._groups:
-                if state.launched is not None:
-                    state.finish = state.launched.result()  # re-raises the launcher's error
-            for state in self._groups:
-                if state.sparse:
-                    self._sync_sparse_group(state)
-                    continue
-                assert state.finish is not None
-                averaged = state.finish()
-                self._write_grads(state, averaged)
+            with self._counting():
+                while self._next_launch < len(self._groups):  # groups with unused parameters
+                    self._launch(self._groups[self._next_launch])
+                    self._next_launch += 1
+                for state in self._groups:
+                    if state.launched is not None:
+                        state.finish = state.launched.result()  # re-raises the launcher's error
+                for state in self._groups:
+                    if state.sparse:
+                        if not counts:  # else every rank skips it alike: nothing is sent
+                            counts.update(self._sync_sparse_group(state))
+                        continue
+                    assert state.finish is not None
+                    averaged = state.finish()
+                    if state.seen:
+                        counts[_place(state)] = state.seen
+                    elif not counts:
+                        self._write_grads(state, averaged)
+            if counts:
+                self._drop_step(counts)
         finally:
             self._end_iteration()
+        self.skipped_last_step = bool(counts)
         self.iterations += 1
-        for callback in list(self.iteration_callbacks):
-            callback(self)
+        with (
+            collectives.collective_timeout(self.timeout),
+            collectives.backend_timeout(self.group, self.timeout),  # planners' own broadcasts
+        ):
+            for callback in list(self.iteration_callbacks):
+                callback(self)
+
+    def _drop_step(self, counts: dict[str, dict[int, int]]) -> None:
+        """A gradient held NaN/Inf on some rank: drop this step alike on every rank.
+
+        Every ``.grad`` becomes None and error feedback goes back to what it
+        was; then ``nonfinite="raise"`` raises, ``"skip"`` counts and warns.
+        """
+        for state in self._groups:
+            for memory, key, saved in state.snapshots:
+                memory.reset(key)
+                if saved:
+                    memory.import_state(key, saved)
+        for p in self._params.values():
+            p.grad = None
+        self.skipped_last_step = True
+        if self.nonfinite == "raise":
+            raise NonFiniteGradientError(
+                nonfinite_message(
+                    "GradientSync",
+                    counts,
+                    "every rank raises this error and no gradient was applied (.grad is None, "
+                    "error feedback unchanged). Lower the learning rate, scale the loss, clip "
+                    "gradients, or pass nonfinite='skip' to drop such steps as GradScaler does",
+                ),
+                counts,
+            )
+        self.skipped_steps += 1
+        log.warning(
+            "%s",
+            nonfinite_message(
+                "GradientSync", counts, "step skipped on every rank (.grad set to None)"
+            ),
+        )
 
     def _end_iteration(self) -> None:
         launched = [s.launched for s in self._groups if s.launched is not None]
@@ -781,11 +891,19 @@ class GradientSync:
             state.ready.clear()
             state.finish = None
             state.launched = None
+            state.nonfinite = 0
+            state.seen = {}
+            state.snapshots = []
         self._next_launch = 0
         self._in_backward = False
         self._launcher_failed = False
 
     def _flatten(self, state: _GroupState) -> Tensor:
+        """The group's gradient as a fresh fp32 vector, with room after it for count slots.
+
+        The room (one element per rank, see :func:`_with_slots`) lets the
+        uncompressed all-reduce carry the NaN/Inf counts without another copy.
+        """
         parts = []
         for p in state.params:
             if p.grad is None:
@@ -794,10 +912,24 @@ class GradientSync:
                 parts.append(p.grad.to_dense().reshape(-1))
             else:
                 parts.append(p.grad.reshape(-1))
-        return torch.cat(parts).to(torch.float32) if parts else torch.zeros(0)
+        numel = sum(t.numel() for t in parts)
+        spare = self.world_size if self.nonfinite != "off" else 0
+        flat = torch.empty(numel + spare, dtype=torch.float32)[:numel]
+        if parts:
+            torch.cat(parts, out=flat)
+        return flat
 
-    def _sync_sparse_group(self, state: _GroupState) -> None:
-        """Average each sparse gradient of the group with its scheme; write a sparse ``.grad``."""
+    def _sync_sparse_group(self, state: _GroupState) -> dict[str, dict[int, int]]:
+        """Average each sparse gradient of the group with its scheme; write a sparse ``.grad``.
+
+        Returns every rank's NaN/Inf counts by parameter (empty when none):
+        a scheme that checks its inputs collectively (``reports_nonfinite``,
+        as Zen's do: the counts ride in their input check) raises alike on
+        every rank with a ``nonfinite`` ``{rank: count}``; for any other
+        scheme one small all-reduce of the counts comes first. Then the
+        group's remaining parameters are skipped alike on every rank.
+        """
+        grads = {}
         for name, p in zip(state.group.names, state.params, strict=True):
             grad = p.grad
             if grad is None:  # unused on this rank: the others still expect its part
@@ -808,9 +940,35 @@ class GradientSync:
                 )
             elif not grad.is_sparse:  # e.g. tied to a dense layer: rows of the dense gradient
                 grad = grad.to_sparse(sparse_dim=1)
-            with self._counting():
-                synced = self._sparse_schemes[name].sync(grad, self.group, True)
+            grads[name] = grad
+        unchecked = [
+            n
+            for n in state.group.names
+            if not getattr(self._sparse_schemes[n], "reports_nonfinite", False)
+        ]
+        if self._checks and unchecked:
+            local = [nonfinite_count(grads[n].coalesce().values()) for n in unchecked]
+            slots = torch.cat(
+                [count_slots(c, self.rank, self.world_size, torch.float64) for c in local]
+            )
+            summed: Tensor = collectives.all_reduce(slots, group=self.group)  # type: ignore[assignment]
+            counts = {
+                f"{n!r}": read_slots(row)
+                for n, row in zip(unchecked, summed.view(len(unchecked), -1), strict=True)
+            }
+            counts = {k: v for k, v in counts.items() if v}
+            if counts:
+                return counts
+        for name, p in zip(state.group.names, state.params, strict=True):
+            try:
+                synced = self._sparse_schemes[name].sync(grads[name], self.group, True)
+            except ValueError as exc:
+                per_rank = getattr(exc, "nonfinite", None)
+                if not self._checks or not per_rank:
+                    raise
+                return {f"{name!r}": dict(per_rank)}
             p.grad = synced if p.grad is None or p.grad.is_sparse else synced.to_dense()
+        return {}
 
     def _write_grads(self, state: _GroupState, averaged: Tensor) -> None:
         offset = 0
@@ -830,6 +988,18 @@ class GradientSync:
         if state.sparse:  # synced at the end of backward, in plan order
             return
         flat = self._flatten(state)
+        if self.nonfinite != "off":
+            state.nonfinite = nonfinite_count(flat)
+            if state.nonfinite:  # sent as zeros: every rank still runs the collective
+                flat.zero_()
+            state.snapshots = [
+                (m, k, m.export_state(k))
+                for m, k in (
+                    (state.memory, state.index),
+                    (state.second_memory, (state.index, "reduced")),
+                )
+                if m is not None
+            ]
         if self._launcher is None:
             with self._counting():
                 state.finish = self._prepare(state, flat)()
@@ -874,7 +1044,8 @@ class GradientSync:
                 self._ledger_scope.enter_context(collectives.count_bytes(self.ledger))
             self._ledger_users += 1
         try:
-            yield
+            with collectives.collective_timeout(self.timeout):  # this thread's collectives
+                yield
         finally:
             with self._ledger_lock:
                 self._ledger_users -= 1
@@ -887,46 +1058,90 @@ class GradientSync:
         strategy = state.group.strategy
         if strategy.hierarchical:
             return lambda: self._launch_hierarchical(state, flat)
-        return self._prepare_flat(state, strategy, flat, self._world)
+        return self._prepare_flat(state, strategy, flat, self._world, state.nonfinite)
+
+    # Each path below carries ``count`` (this rank's NaN/Inf count, or its
+    # node's) in its first collective, when the engine checks: count slots
+    # appended to an all-reduced payload, an int64 packed with a gathered one,
+    # or a slot after each all-to-all chunk. Its finish sets ``state.seen``.
 
     def _prepare_flat(
-        self, state: _GroupState, strategy: Strategy, flat: Tensor, link: _Link
+        self, state: _GroupState, strategy: Strategy, flat: Tensor, link: _Link, count: int
     ) -> Launch:
         """The group's own work for a non-hierarchical ``strategy`` over ``link``."""
         if state.compressor is None:
             if strategy.collective == "all_to_all":
-                return self._prepare_scatter_gather(flat, link)
-            return self._prepare_plain(flat, link)
+                return self._prepare_scatter_gather(state, flat, link, count)
+            return self._prepare_plain(state, flat, link, count)
         if strategy.collective == "all_reduce":
-            return self._prepare_allreduce(state, flat, link)
+            return self._prepare_allreduce(state, flat, link, count)
         if strategy.collective == "all_gather":
-            return self._prepare_allgather(state, flat, link)
-        return self._prepare_divisible(state, flat, link)
+            return self._prepare_allgather(state, flat, link, count)
+        return self._prepare_divisible(state, flat, link, count)
 
-    def _prepare_plain(self, flat: Tensor, link: _Link) -> Launch:
+    @property
+    def _checks(self) -> bool:
+        return self.nonfinite != "off"
+
+    def _prepare_plain(self, state: _GroupState, flat: Tensor, link: _Link, count: int) -> Launch:
         flat.div_(link.size)  # before the sum, as DDP does: no overflow
+        numel = flat.numel()
+        send = flat
+        if self._checks:
+            send = _with_slots(flat, count_slots(count, link.rank, link.size, flat.dtype))
 
         def launch() -> Finish:
-            pending = collectives.all_reduce(flat, group=link.group, async_op=True)
-            return pending.wait  # type: ignore[union-attr]
+            pending = collectives.all_reduce(send, group=link.group, async_op=True)
+
+            def finish() -> Tensor:
+                reduced: Tensor = pending.wait()  # type: ignore[union-attr,assignment]
+                if self._checks:
+                    state.seen = read_slots(reduced[numel:])
+                return reduced[:numel]
+
+            return finish
 
         return launch
 
-    def _prepare_scatter_gather(self, flat: Tensor, link: _Link) -> Launch:
+    def _slotted_rows(self, flat: Tensor, n: int, count: int) -> tuple[Tensor, int]:
+        """``flat`` in ``n`` chunks of ``shard`` elements (zero padded), each plus a count slot."""
+        numel = flat.numel()
+        shard = math.ceil(numel / n)
+        extra = 1 if self._checks else 0
+        rows = torch.zeros(n, shard + extra)
+        full = numel // shard
+        rows[:full, :shard] = flat[: full * shard].view(full, shard)
+        if full < n:
+            rows[full, : numel - full * shard] = flat[full * shard :]
+        if extra:
+            rows[:, shard] = min(count, 2**24)  # exact in fp32
+        return rows, shard
+
+    def _read_rows(self, state: _GroupState, received: list[Tensor], shard: int) -> list[Tensor]:
+        """The data parts of the received chunks; their count slots go to ``state.seen``."""
+        if not self._checks:
+            return received
+        state.seen = {r: int(c[shard]) for r, c in enumerate(received) if c[shard] != 0}
+        return [c[:shard] for c in received]
+
+    def _prepare_scatter_gather(
+        self, state: _GroupState, flat: Tensor, link: _Link, count: int
+    ) -> Launch:
         """Uncompressed ``all_to_all``: reduce-scatter (all-to-all of fp32 shards), all-gather."""
         n, numel = link.size, flat.numel()
         if numel == 0:
             return lambda: lambda: flat
-        shard = math.ceil(numel / n)
-        padded = _padded(flat, shard * n).div_(n)  # before the sum, as DDP does
+        rows, shard = self._slotted_rows(flat, n, count)
+        rows[:, :shard].div_(n)  # before the sum, as DDP does
+        width = rows.shape[1]
 
         def launch() -> Finish:
             pending = collectives.all_to_all_v(
-                list(padded.split(shard)), link.group, async_op=True, recv_sizes=[shard] * n
+                list(rows.view(-1).split(width)), link.group, async_op=True, recv_sizes=[width] * n
             )
 
             def finish() -> Tensor:
-                received = pending.wait()  # type: ignore[union-attr]
+                received = self._read_rows(state, pending.wait(), shard)  # type: ignore[arg-type,union-attr]
                 mine = torch.stack(received).sum(0)
                 with self._counting():
                     gathered = collectives.all_gather(mine, link.group)
@@ -937,22 +1152,28 @@ class GradientSync:
         return launch
 
     def _launch_hierarchical(self, state: _GroupState, flat: Tensor) -> Finish:
-        """Reduce-scatter in the node, the flat strategy across nodes, all-gather in the node."""
+        """Reduce-scatter in the node, the flat strategy across nodes, all-gather in the node.
+
+        The node's NaN/Inf counts ride in the intra-node step; their sum goes
+        across nodes, so ``state.seen`` is keyed by *node* for such a group.
+        """
         intra, cross = self._node_links()
         k, numel = intra.size, flat.numel()
         if numel == 0:
             return lambda: flat
-        shard = math.ceil(numel / k)
-        padded = _padded(flat, shard * k)
+        rows, shard = self._slotted_rows(flat, k, state.nonfinite)
+        width = rows.shape[1]
         received = collectives.all_to_all_v(
-            list(padded.split(shard)), intra.group, recv_sizes=[shard] * k
+            list(rows.view(-1).split(width)), intra.group, recv_sizes=[width] * k
         )
+        parts = self._read_rows(state, received, shard)  # type: ignore[arg-type]
+        node_count = sum(state.seen.values())
         # The node mean, not the sum: the strategy across nodes then averages
         # node means into the world mean, and linear compressors see the scale
         # they see in the flat scheme.
-        node_mean = torch.stack(received).sum(0).div_(k)  # type: ignore[arg-type]
+        node_mean = torch.stack(parts).sum(0).div_(k)
         across = replace(state.group.strategy, hierarchical=False)
-        inner = self._prepare_flat(state, across, node_mean, cross)()
+        inner = self._prepare_flat(state, across, node_mean, cross, node_count)()
 
         def finish() -> Tensor:
             mean = inner()
@@ -965,7 +1186,9 @@ class GradientSync:
     def _compensate(self, memory: Memory | None, flat: Tensor, key: Any) -> Tensor:
         return flat if memory is None else memory.compensate(flat, key)
 
-    def _prepare_allreduce(self, state: _GroupState, flat: Tensor, link: _Link) -> Launch:
+    def _prepare_allreduce(
+        self, state: _GroupState, flat: Tensor, link: _Link, count: int
+    ) -> Launch:
         compressor = state.compressor
         assert compressor is not None
         key, n = state.index, link.size
@@ -975,15 +1198,22 @@ class GradientSync:
         linear = compressor.allreduce_compatible
         rounds = compressor.allreduce_rounds(compensated / n if linear else compensated, key)
         request = next(rounds)
-        own = request.tensor.clone()
+        if self._checks:  # the sent copy carries the slots; the payload itself stays ours
+            own = request.tensor
+            slots = count_slots(count, link.rank, n, own.dtype)
+            send = torch.cat([own.reshape(-1), slots])
+        else:
+            own = request.tensor.clone()
+            send = request.tensor
 
         def launch() -> Finish:
-            pending = collectives.all_reduce(
-                request.tensor, _op(request.op), link.group, async_op=True
-            )
+            pending = collectives.all_reduce(send, _op(request.op), link.group, async_op=True)
 
             def finish() -> Tensor:
-                reduced = pending.wait()  # type: ignore[union-attr]
+                reduced: Tensor = pending.wait()  # type: ignore[union-attr,assignment]
+                if self._checks:
+                    state.seen = read_slots(reduced[own.numel() :])
+                    reduced = reduced[: own.numel()].view_as(own)
                 with self._counting():
                     while True:
                         try:
@@ -1026,11 +1256,13 @@ class GradientSync:
             memory.update(key, compensated, compressor.decompress(payload, flat.numel(), key))
         return payload
 
-    def _prepare_allgather(self, state: _GroupState, flat: Tensor, link: _Link) -> Launch:
+    def _prepare_allgather(
+        self, state: _GroupState, flat: Tensor, link: _Link, count: int
+    ) -> Launch:
         compressor = state.compressor
         assert compressor is not None
         key, numel = state.index, flat.numel()
-        payload = self._compress(compressor, state.memory, flat, key)
+        payload = self._with_count(self._compress(compressor, state.memory, flat, key), count)
         layout = collectives.Layout.of(payload)
         packed = collectives.pack(payload)
 
@@ -1039,14 +1271,31 @@ class GradientSync:
 
             def finish() -> Tensor:
                 gathered = pending.wait()  # type: ignore[union-attr]
-                payloads = [collectives.unpack(buf, layout) for buf in gathered]
+                payloads = self._read_counts(
+                    state, [collectives.unpack(buf, layout) for buf in gathered]
+                )
                 return compressor.aggregate(payloads, numel, key) / link.size
 
             return finish
 
         return launch
 
-    def _prepare_divisible(self, state: _GroupState, flat: Tensor, link: _Link) -> Launch:
+    def _with_count(self, payload: tuple[Tensor, ...], count: int) -> tuple[Tensor, ...]:
+        """The payload and, when the engine checks, this rank's count as one more tensor."""
+        if not self._checks:
+            return payload
+        return (*payload, torch.tensor([count], dtype=torch.int64))
+
+    def _read_counts(self, state: _GroupState, payloads: list[list[Tensor]]) -> list[list[Tensor]]:
+        """Every rank's payload without its count; the counts go to ``state.seen``."""
+        if not self._checks:
+            return payloads
+        state.seen = {r: int(p[-1][0]) for r, p in enumerate(payloads) if int(p[-1][0])}
+        return [p[:-1] for p in payloads]
+
+    def _prepare_divisible(
+        self, state: _GroupState, flat: Tensor, link: _Link, count: int
+    ) -> Launch:
         """All-to-all of compressed shards, aggregate own shard, re-compress, all-gather."""
         compressor = state.compressor
         assert compressor is not None
@@ -1060,6 +1309,7 @@ class GradientSync:
         if has_feedback(state.memory):
             sent = [compressor.decompress(p, shard, k) for p, k in zip(payloads, keys, strict=True)]
             state.memory.update(state.index, compensated, torch.cat(sent) if shard else padded)
+        payloads = [self._with_count(p, count) for p in payloads]
         layout = collectives.Layout.of(payloads[0])
         buffers = [collectives.pack(p) for p in payloads]
 
@@ -1070,7 +1320,9 @@ class GradientSync:
 
             def finish() -> Tensor:
                 received = pending.wait()  # type: ignore[union-attr]
-                mine = [collectives.unpack(buf, layout) for buf in received]
+                mine = self._read_counts(
+                    state, [collectives.unpack(buf, layout) for buf in received]
+                )
                 shard_sum = compressor.aggregate(mine, shard, keys[link.rank])
                 key2 = (state.index, "reduced")
                 with self._counting():
@@ -1199,6 +1451,30 @@ def _sparse_parameter_names(model: nn.Module, params: dict[str, nn.Parameter]) -
         if isinstance(m, nn.Embedding | nn.EmbeddingBag) and m.sparse
     }
     return {name for name, p in params.items() if id(p) in sparse_ids}
+
+
+def _place(state: _GroupState) -> str:
+    """How an error names a group: its index and first parameters."""
+    names = state.group.names
+    shown = ", ".join(names[:3]) + (f", ... ({len(names)} tensors)" if len(names) > 3 else "")
+    where = " (ranks here are node indices)" if state.group.strategy.hierarchical else ""
+    return f"group {state.index} ({shown}){where}"
+
+
+def _with_slots(flat: Tensor, slots: Tensor) -> Tensor:
+    """``flat`` then ``slots``: in place when ``flat`` has room after it (see ``_flatten``)."""
+    base = flat._base
+    numel = flat.numel()
+    if (
+        base is not None
+        and base.dim() == 1
+        and base.numel() == numel + slots.numel()
+        and base.data_ptr() == flat.data_ptr()
+        and base.dtype == slots.dtype
+    ):
+        base[numel:] = slots
+        return base
+    return torch.cat([flat, slots])
 
 
 def _padded(flat: Tensor, numel: int) -> Tensor:

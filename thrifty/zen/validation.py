@@ -51,6 +51,8 @@ _DTYPES: tuple[torch.dtype, ...] = (
 class SparseSyncError(ValueError):
     """Bad input to a sparse synchronisation, raised alike on every rank of the group."""
 
+    nonfinite: dict[int, int] | None = None  # {rank: NaN/Inf count} when that was all
+
 
 @dataclass(frozen=True)
 class InputSummary:
@@ -146,7 +148,10 @@ def check_inputs(
     table = [w.tolist() for w in collectives.all_gather(mine, group=group)]  # type: ignore[union-attr]
     problems = [f"rank {r}: {_error_text(w[0], w[1])}" for r, w in enumerate(table) if w[0] != _OK]
     if problems:
-        raise SparseSyncError("sync_sparse: bad input on " + "; ".join(problems))
+        error = SparseSyncError("sync_sparse: bad input on " + "; ".join(problems))
+        if all(w[0] in (_OK, _NON_FINITE) for w in table):  # {rank: count}, for GradientSync
+            error.nonfinite = {r: w[1] for r, w in enumerate(table) if w[0] == _NON_FINITE}
+        raise error
     layouts = {tuple(w[1 : 4 + MAX_DIMS]) for w in table}
     if len(layouts) > 1:
         per_rank = "; ".join(f"rank {r}: {_shape_text(w)}" for r, w in enumerate(table))

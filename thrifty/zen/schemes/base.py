@@ -43,6 +43,10 @@ class SparseScheme(ABC):
     """The name :func:`thrifty.zen.sync.sync_sparse` knows it by."""
     code: ClassVar[int]
     """A stable number for the cross-rank agreement check."""
+    reports_nonfinite: ClassVar[bool] = True
+    """NaN/Inf on any rank raises the same :class:`SparseSyncError` on every rank, with a
+    ``nonfinite`` ``{rank: count}`` attribute (its input check carries the counts), so
+    ``GradientSync`` needs no extra collective to agree on them."""
 
     def key(self) -> tuple[int, int, int]:
         """Scheme code and the settings every rank must share (checked before syncing)."""
