@@ -241,6 +241,29 @@ def test_compress_bench_kernels(results: Path) -> None:
 
 
 @pytest.mark.netem
+def test_compress_bench_guards(results: Path) -> None:
+    run(
+        "compress",
+        "bench-guards",
+        "--models",
+        "digits",
+        "--compressors",
+        "fp32,topk",
+        "--rounds",
+        "2",
+        "--iters",
+        "1",
+    )
+    doc = load(results / "sync_guards.json")
+    assert (results / "sync_guards.png").stat().st_size > 0
+    assert [(r["model"], r["compressor"]) for r in doc["rows"]] == [
+        ("digits", "fp32"),
+        ("digits", "topk"),
+    ]
+    assert all(r["samples"] == 2 and r["median_s"]["raise"] > 0 for r in doc["rows"])
+    assert len(doc["load_average_before"]) == 3
+
+
 def test_emulated_rates(results: Path) -> None:
     """The same commands inside rate-limited namespaces (root, ip and tc)."""
     try:

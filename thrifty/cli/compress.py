@@ -15,6 +15,7 @@ from rich import box
 from rich.table import Table
 
 from thrifty.bench import netem
+from thrifty.bench.guards import MODES, run_guard_benchmark
 from thrifty.bench.kernels import format_size, parse_size, run_kernel_benchmark
 from thrifty.bench.models import MODEL_NAMES
 from thrifty.bench.training import LOOPBACK, TrainingResult, check_rates, run_compress_benchmark
@@ -216,6 +217,50 @@ def training_table(result: TrainingResult) -> Table:
 def print_training(result: TrainingResult) -> None:
     console.print(training_table(result))
     console.print(f"wrote {result.json_path} and {result.plot_path}")
+
+
+@app.command("bench-guards")
+def compress_bench_guards(
+    models: Annotated[str, typer.Option(help="Comma-separated: cnn, gpt, digits.")] = "cnn,gpt",
+    compressors: Annotated[
+        str, typer.Option(help="Comma-separated: fp32 and/or registry names.")
+    ] = "fp32,topk",
+    workers: Annotated[int, typer.Option(help="Ranks (processes) on this machine.")] = 2,
+    rounds: Annotated[int, typer.Option(help="Interleaved rounds (order alternates).")] = 6,
+    iters: Annotated[int, typer.Option(help="Timed iterations per mode and round.")] = 3,
+) -> None:
+    """What the NaN/Inf guard costs: GradientSync(nonfinite='raise') vs 'off', interleaved."""
+    names = [model_option(m, "--models") for m in str_list(models)]
+    chosen = str_list(compressors)
+    unknown = [c for c in chosen if c != "fp32" and c not in available_compressors()]
+    if unknown or not chosen:
+        raise typer.BadParameter(
+            f"{unknown or compressors!r}: expected fp32 and/or some of "
+            f"{', '.join(available_compressors())}",
+            param_hint="'--compressors'",
+        )
+    payload = run_guard_benchmark(
+        names,
+        chosen,
+        at_least(workers, 1, "--workers"),
+        at_least(rounds, 1, "--rounds"),
+        at_least(iters, 1, "--iters"),
+    )
+    table = Table(box=box.SIMPLE_HEAD, title=f"NaN/Inf guard, {workers} ranks, loopback")
+    table.add_column("model")
+    table.add_column("compressor")
+    for mode in MODES:
+        table.add_column(f"{mode} (ms)", justify="right")
+    table.add_column("overhead", justify="right")
+    for row in payload["rows"]:
+        table.add_row(
+            row["model"],
+            row["compressor"],
+            *(f"{1e3 * row['median_s'][mode]:.1f}" for mode in MODES),
+            f"{100 * row['overhead']:+.2f}%",
+        )
+    console.print(table)
+    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
 
 
 @app.command("bench")
