@@ -73,7 +73,9 @@ class QSGD(Compressor):
 
     def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
         values = as_float32(flat)
-        norm = torch.linalg.vector_norm(values).reshape(1)
+        # Accumulated in float64: in float32 the squares of |x| > ~1e19 overflow (NaN
+        # out) and those of |x| < ~1e-23 underflow (norm 0: everything sent as 0).
+        norm = torch.linalg.vector_norm(values, dtype=torch.float64).to(torch.float32).reshape(1)
         scaled = values.abs() / _safe_divisor(norm) * self.levels
         lower = scaled.floor()
         level = lower + (torch.rand_like(scaled) < scaled - lower).to(scaled.dtype)
