@@ -62,6 +62,17 @@ class ByteComp:
     def __post_init__(self) -> None:
         if self.warmup < 1:
             raise ValueError(f"warmup must be >= 1, got {self.warmup}")
+        # decide() checks these too, but only after the warm-up iterations: fail now.
+        if self.bucket_bytes != "auto" and (
+            isinstance(self.bucket_bytes, bool)
+            or not isinstance(self.bucket_bytes, int)
+            or self.bucket_bytes < 0
+        ):
+            raise ValueError(
+                f"bucket_bytes must be 'auto' or a byte count >= 0, got {self.bucket_bytes!r}"
+            )
+        if self.offload_end not in ("output", "input"):
+            raise ValueError(f"offload_end must be 'output' or 'input', got {self.offload_end!r}")
 
     def decide(
         self, profile: Profile, strategy: Strategy, topology: Topology, ranks_here: int = 1
@@ -83,6 +94,23 @@ class ByteComp:
             raise ValueError(
                 "plan='bytecomp' chooses where and how to compress: give it a compressor, "
                 "e.g. GradientSync(model, compressor='randomk', plan='bytecomp', ratio=0.01)"
+            )
+        # A profile or topology measured on another world size would give a plan
+        # decided for other collectives' costs, silently. (A profile of 1 rank is
+        # one taken without communication; decide() accepts it for any size.)
+        n = sync.world_size
+        profile_ranks = self.profile.world_size if self.profile is not None else None
+        topology_ranks = self.topology.world_size if self.topology is not None else None
+        if profile_ranks not in (None, 1, n) or topology_ranks not in (None, n):
+            given = [
+                f"a {what} of {ranks} ranks"
+                for what, ranks in (("profile", profile_ranks), ("topology", topology_ranks))
+                if ranks is not None
+            ]
+            raise ValueError(
+                f"ByteComp was given {' and '.join(given)}, this job has {n}: profile and fit "
+                "the topology on the job's own world size (or leave them None to measure "
+                "them in place)"
             )
         if self.profile is not None and self.topology is not None:
             return self.decide(self.profile, strategy, self.topology, sync.ranks_per_node).plan

@@ -56,6 +56,13 @@ class Constraints:
     hierarchical: bool = True
     extra: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        limit = self.max_compressions
+        if limit is None:
+            return
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"max_compressions must be None or an int >= 0, got {limit!r}")
+
 
 def compressions(strategy: Strategy) -> int:
     """How many times a tensor is compressed under ``strategy``."""

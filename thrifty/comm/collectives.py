@@ -182,6 +182,25 @@ _TIMED_OUT = ("timed out", "timeout")
 _PEER_LOST = ("connection closed by peer", "connection reset", "broken pipe", "pair closure")
 
 
+def timeout_seconds(timeout: Timeout | None) -> float | None:
+    """A user's ``timeout=`` (seconds, a ``timedelta`` or None) as seconds, checked once.
+
+    Engines validate it at construction with this, so a wrong value fails
+    there, named, and not at the first collective.
+    """
+    if timeout is None:
+        return None
+    if isinstance(timeout, datetime.timedelta):
+        timeout = timeout.total_seconds()
+    elif isinstance(timeout, bool) or not isinstance(timeout, int | float):
+        raise TypeError(
+            f"timeout must be a number of seconds, a timedelta or None, got {timeout!r}"
+        )
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout!r}")
+    return float(timeout)
+
+
 def _seconds(timeout: Timeout) -> float:
     value = timeout.total_seconds() if isinstance(timeout, datetime.timedelta) else float(timeout)
     if not value > 0:

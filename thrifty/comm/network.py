@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,14 @@ class AlphaBeta:
     alpha: float  # seconds: intercept of the bandwidth line
     beta: float  # seconds per wire byte of one rank
     floor: float = 0.0  # seconds: no call is faster than this
+
+    def __post_init__(self) -> None:
+        # A NaN or negative coefficient would make every planner's timeline
+        # (and so its chosen plan) meaningless without any error.
+        for name in ("alpha", "beta", "floor"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     def time(self, volume: float) -> float:
         return max(self.floor, self.alpha + self.beta * volume)
@@ -124,7 +133,11 @@ class NetworkModel:
 
     def time(self, primitive: str, nbytes: int, world_size: int) -> float:
         """Predicted seconds for one collective of ``nbytes`` on ``world_size`` ranks."""
-        if world_size <= 1:
+        if not 0 <= nbytes < math.inf:
+            raise ValueError(f"nbytes must be >= 0, got {nbytes!r}")
+        if not isinstance(world_size, numbers.Integral) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if world_size == 1:
             return 0.0
         volume = wire_bytes(primitive, nbytes, world_size)
         return self.coefficients(primitive, world_size).time(volume)
@@ -133,8 +146,8 @@ class NetworkModel:
     def fit(cls, name: str, measurements: Iterable[Measurement]) -> NetworkModel:
         groups: dict[tuple[str, int], list[Measurement]] = {}
         for m in measurements:
-            if m.seconds <= 0:
-                raise ValueError(f"non-positive time in measurement {m}")
+            if not 0 < m.seconds < math.inf:
+                raise ValueError(f"seconds must be a finite time > 0 in every measurement, got {m}")
             groups.setdefault((m.primitive, m.world_size), []).append(m)
         model = cls(name)
         for (primitive, n), points in groups.items():
@@ -146,6 +159,10 @@ class NetworkModel:
     @classmethod
     def analytic(cls, name: str, rate_bits: float, latency: float = 50e-6) -> NetworkModel:
         """An unfitted model of an ideal link: ``latency`` per call, ``rate_bits`` per rank."""
+        if not 0 < rate_bits < math.inf:
+            raise ValueError(f"rate_bits must be a finite number > 0 bits/s, got {rate_bits!r}")
+        if not 0 <= latency < math.inf:
+            raise ValueError(f"latency must be a finite number >= 0 seconds, got {latency!r}")
         ab = AlphaBeta(latency, 8.0 / rate_bits)
         return cls(name, {p: {2: ab} for p in PRIMITIVES})
 

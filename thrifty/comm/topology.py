@@ -42,6 +42,11 @@ class Topology:
     inter: NetworkModel | None = None
 
     def __post_init__(self) -> None:
+        for name in ("flat", "intra", "inter"):
+            network = getattr(self, name)
+            if not isinstance(network, NetworkModel) and (name == "flat" or network is not None):
+                kind = "a NetworkModel" if name == "flat" else "a NetworkModel or None"
+                raise TypeError(f"{name} must be {kind}, got {type(network).__name__} {network!r}")
         if self.nodes < 1 or self.ranks_per_node < 1:
             raise ValueError(
                 f"need at least one node and one rank per node, got nodes={self.nodes}, "

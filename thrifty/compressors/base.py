@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Hashable, Mapping, Sequence
@@ -192,6 +193,9 @@ class Compressor(ABC):
             by one all-reduce, and ``decompress`` of the summed payload is the sum
             of the contributions. Read it on an *instance*: Random-k overrides it
             with a property (True only with a shared seed).
+        majority_vote: ``aggregate`` returns ``N`` times a vote (signSGD,
+            Signum), not a sum: a result that is re-compressed (the engine's
+            divisible scheme) re-compresses the vote, and is not divided by N.
 
     Args:
         check_finite: check every input for NaN/Inf and raise ``ValueError``
@@ -202,6 +206,7 @@ class Compressor(ABC):
 
     name: ClassVar[str]
     allreduce_compatible: ClassVar[bool] = False
+    majority_vote: ClassVar[bool] = False
 
     def __init__(self, *, check_finite: bool = True) -> None:
         self.check_finite = check_finite
@@ -234,6 +239,7 @@ class Compressor(ABC):
 
     def payload_nbytes(self, numel: int) -> int:
         """Exact bytes sent per rank: the sum of ``payload_spec(numel)`` sizes."""
+        check_numel(numel, self.name)
         return sum(spec.nbytes for spec in self.payload_spec(numel))
 
     # ------------------------------------------------------ compress/decompress
@@ -406,6 +412,7 @@ class Compressor(ABC):
         return flat
 
     def _check_payload(self, payload: Sequence[Tensor], numel: int, what: str) -> None:
+        check_numel(numel, self.name)
         specs = self.payload_spec(numel)
         if len(payload) != len(specs):
             raise ValueError(
@@ -428,8 +435,16 @@ def sparse_count(ratio: float, numel: int) -> int:
     return min(numel, max(1, math.ceil(round(ratio * numel, 6))))
 
 
+def check_numel(numel: int, compressor_name: str) -> None:
+    """A size the caller passes must be an int >= 0; a negative one gives negative payloads."""
+    if isinstance(numel, bool) or not isinstance(numel, numbers.Integral) or numel < 0:
+        raise ValueError(f"{compressor_name}: numel must be an int >= 0, got {numel!r}")
+
+
 def check_ratio(ratio: float, what: str = "ratio") -> float:
     """Validate a density in (0, 1]."""
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real):
+        raise TypeError(f"{what} must be a number in (0, 1], got {ratio!r}")
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"{what} must be in (0, 1], got {ratio!r}")
     return float(ratio)

@@ -14,6 +14,8 @@ changes. ``compensate`` always returns a fresh tensor the caller may keep.
 
 from __future__ import annotations
 
+import math
+import numbers
 from abc import ABC, abstractmethod
 from collections.abc import Hashable, Mapping
 from typing import Any
@@ -24,7 +26,23 @@ from torch import Tensor
 from thrifty.compressors.base import decode_key, encode_key, key_name
 
 
-def _flat_float32(x: Tensor) -> Tensor:
+def _check_tensor(x: Tensor, key: Hashable, what: str) -> None:
+    """``compensate`` takes a gradient tensor; anything else fails here, named."""
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            f"{what}: tensor {key_name(key)} must be a torch.Tensor, got {type(x).__name__}"
+        )
+
+
+def _check_finite_number(value: float, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _flat_float32(x: Tensor, key: Hashable, what: str) -> Tensor:
+    _check_tensor(x, key, what)
     return x.reshape(-1).to(torch.float32, copy=True)
 
 
@@ -94,6 +112,7 @@ class NoMemory(Memory):
     """No error feedback: compresses the gradient itself (flattened, dtype kept, a copy)."""
 
     def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
+        _check_tensor(x, key, "NoMemory")
         return x.reshape(-1).clone()
 
     def update(self, key: Hashable, compensated: Tensor, sent_decompressed: Tensor) -> None:
@@ -115,6 +134,8 @@ class ResidualMemory(Memory):
     """
 
     def __init__(self, beta: float = 1.0, gamma: float = 1.0) -> None:
+        _check_finite_number(beta, "beta")
+        _check_finite_number(gamma, "gamma")
         self.beta = beta
         self.gamma = gamma
         self._residuals: dict[Hashable, Tensor] = {}
@@ -124,7 +145,7 @@ class ResidualMemory(Memory):
         return self._residuals.get(key)
 
     def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
-        grad = _flat_float32(x)
+        grad = _flat_float32(x, key, "ResidualMemory")
         if self.gamma != 1.0:
             grad.mul_(self.gamma)
         residual = self._residuals.get(key)
@@ -186,8 +207,10 @@ class DGCMemory(Memory):
     ) -> None:
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if gradient_clipping is not None and gradient_clipping <= 0:
-            raise ValueError(f"gradient_clipping must be positive, got {gradient_clipping!r}")
+        if gradient_clipping is not None and not 0 < gradient_clipping < math.inf:
+            raise ValueError(
+                f"gradient_clipping must be a positive number, got {gradient_clipping!r}"
+            )
         self.momentum = momentum
         self.nesterov = nesterov
         self.gradient_clipping = gradient_clipping
@@ -203,7 +226,7 @@ class DGCMemory(Memory):
         return self._velocities.get(key)
 
     def compensate(self, x: Tensor, key: Hashable = None) -> Tensor:
-        grad = _flat_float32(x)
+        grad = _flat_float32(x, key, "DGCMemory")
         if self.gradient_clipping is not None:
             norm = torch.linalg.vector_norm(grad)
             grad.mul_(torch.clamp(self.gradient_clipping / (norm + 1e-12), max=1.0))

@@ -83,6 +83,8 @@ class PowerSGD(Compressor):
         check_finite: bool = True,
     ) -> None:
         super().__init__(check_finite=check_finite)
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise TypeError(f"rank must be an int >= 1, got {rank!r}")
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
         if min_compression_rate < 1.0:
@@ -164,7 +166,10 @@ class PowerSGD(Compressor):
         self._steps[key] = step + 1
         q = store.get(key)
         if self.warm_start and q is not None and q.shape == (m, r):
-            return q.to(device)
+            # Columns scaled to max |q| = 1: the kept Q carries the gradient's scale and
+            # M @ Q would square it (float32 overflows beyond |M| ~ 1e19, underflows below
+            # ~1e-23). P's orthonormalisation ignores a positive scale of its columns.
+            return (q / q.abs().amax(dim=0).clamp_min(torch.finfo(q.dtype).tiny)).to(device)
         if q is not None and self.warm_start:
             logger.debug("powersgd: tensor %r changed shape; new Q", key)
         parts = (

@@ -52,6 +52,8 @@ class QSGD(Compressor):
 
     def __init__(self, levels: int = 127, *, check_finite: bool = True) -> None:
         super().__init__(check_finite=check_finite)
+        if isinstance(levels, bool) or not isinstance(levels, int):
+            raise TypeError(f"levels must be an int in [1, 32767], got {levels!r}")
         if not 1 <= levels <= 32767:
             raise ValueError(f"levels must be in [1, 32767], got {levels}")
         self.levels = levels

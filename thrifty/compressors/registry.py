@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Mapping
 from typing import Any
 
 from thrifty.compressors.base import Compressor
@@ -32,6 +35,31 @@ COMPRESSORS: dict[str, type[Compressor]] = {
 }
 
 
+def check_options(name: str, cls: type, options: Mapping[str, Any]) -> None:
+    """Refuse keyword arguments ``cls`` does not take, naming the ones it does.
+
+    Python's own error (``unexpected keyword argument``) names the typo but
+    not the options there are; registries build by name, so the user may
+    never have seen the class.
+    """
+    accepted = _options_of(cls)
+    unknown = [k for k in options if accepted is not None and k not in accepted]
+    if unknown:
+        raise TypeError(
+            f"{name} takes no option {', '.join(map(repr, unknown))}; its options: "
+            f"{', '.join(accepted or ()) or 'none'}"
+        )
+
+
+@functools.cache
+def _options_of(cls: type) -> tuple[str, ...] | None:
+    """The keyword arguments ``cls(...)`` takes; None when it takes any (``**kwargs``)."""
+    params = inspect.signature(cls).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return tuple(p.name for p in params if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+
+
 def available_compressors() -> list[str]:
     """Registry names, sorted."""
     return sorted(COMPRESSORS)
@@ -45,6 +73,7 @@ def get_compressor(name: str, **kwargs: Any) -> Compressor:
         raise ValueError(
             f"unknown compressor {name!r}; available: {', '.join(available_compressors())}"
         ) from None
+    check_options(name, cls, kwargs)
     return cls(**kwargs)
 
 
@@ -84,4 +113,5 @@ def get_memory(name: str, **kwargs: Any) -> Memory:
         raise ValueError(
             f"unknown memory {name!r}; available: {', '.join(sorted(MEMORIES))}"
         ) from None
+    check_options(name, cls, kwargs)
     return cls(**kwargs)

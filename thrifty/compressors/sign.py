@@ -48,6 +48,7 @@ class SignSGD(Compressor):
     """
 
     name: ClassVar[str] = "signsgd"
+    majority_vote: ClassVar[bool] = True
 
     @property
     def bits_per_element(self) -> float:

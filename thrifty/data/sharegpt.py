@@ -59,6 +59,9 @@ class ShareGPTReader:
     """
 
     def __init__(self, path: str | Path | None = None, chunk_chars: int = _CHUNK_CHARS) -> None:
+        if isinstance(chunk_chars, bool) or not isinstance(chunk_chars, int) or chunk_chars < 1:
+            # read(0) returns "" and the reader would stop at once, reading nothing.
+            raise ValueError(f"chunk_chars must be an int >= 1, got {chunk_chars!r}")
         self.path = Path(path) if path is not None else None
         self.chunk_chars = chunk_chars
         self.complete = 0

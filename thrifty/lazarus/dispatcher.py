@@ -173,7 +173,9 @@ def _as_int_matrix(values: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
         raise ValueError(f"{name} must be a [ranks, experts] matrix, got shape {array.shape}")
     integral = np.issubdtype(array.dtype, np.integer) or np.array_equal(array, np.round(array))
     if array.size and not integral:
-        raise ValueError(f"{name} must hold integer counts")
+        fractional = array[array != np.round(array)]
+        example = fractional.flat[0] if fractional.size else array.dtype
+        raise ValueError(f"{name} must hold integer counts, got {example}")
     array = array.astype(np.int64)
     if (array < 0).any():
         raise ValueError(f"{name} must be non-negative")

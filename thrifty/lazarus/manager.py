@@ -296,6 +296,10 @@ class Lazarus:
         rank: int | None = None,
         world_size: int | None = None,
     ) -> None:
+        # Checked before anything else: _initial_rank destroys the caller's
+        # process group, and a wrong argument must leave nothing changed.
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(
                 "optimizer must be a factory, e.g. `lambda m: torch.optim.AdamW(m.parameters())`: "
@@ -304,10 +308,11 @@ class Lazarus:
             )
         self.options = options or LazarusOptions()
         self.model = model
+        address = _store_address(store)
         rank, world_size = self._initial_rank(rank, world_size)
         opts = self.options
         self._ms = Membership(
-            _store_address(store),
+            address,
             opts.namespace,
             opts.heartbeat_interval_s,
             opts.failure_timeout_s,

@@ -134,6 +134,8 @@ class MoEGPT(nn.Module):
 
     def __init__(self, cfg: MoEConfig) -> None:
         super().__init__()
+        if not isinstance(cfg, MoEConfig):
+            raise TypeError(f"cfg must be a MoEConfig, got {type(cfg).__name__} {cfg!r}")
         self.cfg = cfg
         self.tok = nn.Embedding(cfg.vocab, cfg.d_model)
         self.pos = nn.Embedding(cfg.seq_len, cfg.d_model)

@@ -133,6 +133,7 @@ def recovery_estimate(
     max_exact_work: int = 5_000_000,
 ) -> RecoveryEstimate:
     """Like :func:`recovery_probability`, with the method used and the error bound."""
+    _check_confidence(confidence)  # checked whichever method ends up used
     nodes = placement.num_nodes
     if not 0 <= failed <= nodes:
         raise ValueError(f"failed={failed}: expected 0 <= failed <= {nodes} nodes")

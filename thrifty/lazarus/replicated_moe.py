@@ -363,6 +363,8 @@ def replicate_moe_blocks(
     module name. Collective: every rank of ``group`` must call it on the
     same model.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     blocks = find_moe_blocks(model)
     if not blocks:
         raise ValueError(

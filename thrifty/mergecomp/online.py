@@ -82,7 +82,15 @@ class MergeComp:
         if self.mode not in ("hybrid", "online"):
             raise ValueError(f"mode must be 'hybrid' or 'online', got {self.mode!r}")
         if self.trial_iters < 1 or self.warmup < 1:
-            raise ValueError("warmup and trial_iters must be >= 1")
+            raise ValueError(
+                f"warmup and trial_iters must be >= 1, got warmup={self.warmup!r} and "
+                f"trial_iters={self.trial_iters!r}"
+            )
+        if self.network is not None and not isinstance(self.network, NetworkModel):
+            raise TypeError(
+                f"network must be a NetworkModel or None, got {type(self.network).__name__} "
+                f"{self.network!r}"
+            )
 
     def __call__(self, sync: GradientSync, strategy: Strategy) -> Plan:
         tuner = MergeCompTuner(sync, strategy, self)

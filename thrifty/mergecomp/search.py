@@ -61,8 +61,20 @@ class _Costs:
     """Group costs of contiguous ranges, cached by size (ready comes from the last tensor)."""
 
     def __init__(
-        self, profile: Profile, strategy: Strategy, network: NetworkModel, world_size: int
+        self, profile: Profile, strategy: Strategy, network: NetworkModel, world_size: int | None
     ) -> None:
+        # Every search entry point builds one: its arguments are checked here, once.
+        if not isinstance(network, NetworkModel):
+            raise TypeError(
+                f"network must be a NetworkModel, got {type(network).__name__} {network!r}"
+            )
+        if world_size is not None and (
+            isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1
+        ):
+            raise ValueError(
+                f"world_size must be an int >= 1 (or None for the profile's), got {world_size!r}"
+            )
+        world_size = world_size or profile.world_size
         self.profile, self.strategy, self.network, self.n = profile, strategy, network, world_size
         self.ready = [t.ready for t in profile.tensors]
         self.prefix = [0, *itertools.accumulate(t.numel for t in profile.tensors)]
@@ -97,7 +109,7 @@ def partition_costs(
     lengths: Sequence[int],
     world_size: int | None = None,
 ) -> list[GroupCost]:
-    costs = _Costs(profile, strategy, network, world_size or profile.world_size)
+    costs = _Costs(profile, strategy, network, world_size)
     bounds = [0, *itertools.accumulate(lengths)]
     return [costs(a, b) for a, b in itertools.pairwise(bounds)]
 
@@ -129,7 +141,7 @@ def optimal_partition(
     n_tensors = len(profile.tensors)
     if n_tensors == 0:
         return Partition((), profile.forward + profile.backward + profile.step)
-    costs = _Costs(profile, strategy, network, world_size or profile.world_size)
+    costs = _Costs(profile, strategy, network, world_size)
     backward = profile.backward
     # Every Pareto state kept so far, flat: D, S, C, P, the split point it ends
     # at (``owner``) and a back-pointer to the state it extends.

@@ -101,10 +101,7 @@ class CompressionHookState:
     ) -> None:
         if nonfinite not in ("raise", "skip", "off"):
             raise ValueError(f"nonfinite must be 'raise', 'skip' or 'off', got {nonfinite!r}")
-        if isinstance(timeout, datetime.timedelta):
-            timeout = timeout.total_seconds()
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout!r}")
+        timeout = collectives.timeout_seconds(timeout)
         self.nonfinite = nonfinite
         self.timeout: float | None = timeout
         self.skipped_last_step = False

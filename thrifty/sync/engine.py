@@ -163,6 +163,7 @@ def register_planner(name: str, factory: Callable[..., Planner]) -> None:
     Systems call this when imported (``import thrifty.mergecomp`` registers
     ``"mergecomp"``); registering a name again replaces its factory.
     """
+    _check_factory(name, factory, "planner")
     _PLANNERS[name] = factory
 
 
@@ -185,7 +186,19 @@ def register_sparse_scheme(name: str, factory: SparseSchemeFactory) -> None:
     Systems call this when imported (``import thrifty.zen`` registers its
     schemes); registering a name again replaces its factory.
     """
+    _check_factory(name, factory, "sparse scheme")
     _SPARSE_SCHEMES[name] = factory
+
+
+def _check_factory(name: str, factory: object, what: str) -> None:
+    """A registry entry fails when registered, not when a user first asks for it by name."""
+    if not isinstance(name, str):
+        raise TypeError(f"a {what} is registered under a string name, got {name!r}")
+    if not callable(factory):
+        raise TypeError(
+            f"{what} factory for {name!r} must be callable, got {type(factory).__name__} "
+            f"{factory!r}"
+        )
 
 
 def get_sparse_scheme(name: str) -> SparseSchemeFactory:
@@ -330,12 +343,17 @@ class GradientSync:
             raise RuntimeError(
                 "GradientSync needs torch.distributed: call init_process_group first"
             )
+        # Wrong types fail here, named, not as an AttributeError deep inside.
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(
+                "process_group must be a torch.distributed.ProcessGroup or None, got "
+                f"{type(process_group).__name__} {process_group!r}"
+            )
         if nonfinite not in NONFINITE_MODES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
-        if isinstance(timeout, datetime.timedelta):
-            timeout = timeout.total_seconds()
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds (or None), got {timeout!r}")
+        timeout = collectives.timeout_seconds(timeout)
         self.nonfinite = nonfinite
         self.timeout: float | None = timeout
         self.skipped_last_step = False  # the last synchronised backward was dropped
@@ -605,6 +623,11 @@ class GradientSync:
         """
         if self._in_backward:
             raise RuntimeError("set_plan must be called between iterations, not during backward")
+        if not isinstance(plan, Plan):
+            raise TypeError(
+                f"set_plan needs a Plan, got {type(plan).__name__} {plan!r} (build one with "
+                "Plan.layer_wise, Plan.whole_model or Plan.contiguous)"
+            )
         error: ValueError | None = None
         try:
             plan.check_covers(self._params)
@@ -1324,16 +1347,22 @@ class GradientSync:
                     state, [collectives.unpack(buf, layout) for buf in received]
                 )
                 shard_sum = compressor.aggregate(mine, shard, keys[link.rank])
+                # A vote is re-compressed as the vote (its ties, 0, travel as +1:
+                # one bit per element has no third state); a sum as the sum.
+                vote = compressor.majority_vote
+                reduced = shard_sum / n if vote else shard_sum
                 key2 = (state.index, "reduced")
                 with self._counting():
-                    again = self._compress(compressor, state.second_memory, shard_sum, key2)
+                    again = self._compress(compressor, state.second_memory, reduced, key2)
                     gathered = collectives.all_gather(collectives.pack(again), link.group)
                 layout2 = collectives.Layout.of(again)
                 parts = [
                     compressor.decompress(collectives.unpack(b, layout2), shard, key2)
                     for b in gathered
                 ]
-                return torch.cat(parts)[:numel] / n if parts else flat
+                if not parts:
+                    return flat
+                return torch.cat(parts)[:numel] / (1 if vote else n)
 
             return finish
 
@@ -1497,6 +1526,7 @@ def _with_layer_shape(strategy: Strategy, params: list[nn.Parameter]) -> Compres
     if (
         lone is not None
         and lone.dim() >= 2
+        and lone.numel() > 0  # a (0, k) weight has no rows to view
         and getattr(compressor, "shape", "absent") is None
         and strategy.collective != "all_to_all"  # shards are not the layer's matrix
         and not strategy.hierarchical

@@ -41,6 +41,7 @@ from typing import Any, Literal
 
 from thrifty.compressors import Compressor, default_memory, get_compressor, get_memory
 from thrifty.compressors.memory import Memory, NoMemory
+from thrifty.compressors.registry import MEMORIES
 
 __all__ = ["COLLECTIVES", "Collective", "Group", "Plan", "Strategy"]
 
@@ -99,6 +100,10 @@ class Strategy:
         if self.collective not in COLLECTIVES:
             raise ValueError(
                 f"unknown collective {self.collective!r}; expected one of {COLLECTIVES}"
+            )
+        if self.memory != "default" and self.memory not in MEMORIES:
+            raise ValueError(
+                f"unknown memory {self.memory!r}; expected one of {('default', *sorted(MEMORIES))}"
             )
         if self.compressor is None:
             if self.collective == "all_gather":

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -150,6 +151,25 @@ def densification_ratios(
     return ratios
 
 
+def _check_index_sets(index_sets: Sequence[Tensor], num_rows: int) -> None:
+    """Bad indices would give wrong statistics (or a cryptic bincount error) silently."""
+    if isinstance(num_rows, bool) or not isinstance(num_rows, numbers.Integral) or num_rows < 1:
+        raise ValueError(f"num_rows must be an int >= 1, got {num_rows!r}")
+    if len(index_sets) == 0:
+        raise ValueError("index_sets is empty: need one index tensor per rank")
+    for r, s in enumerate(index_sets):
+        if not isinstance(s, Tensor) or s.dim() != 1 or s.is_floating_point() or s.is_complex():
+            got = f"{s.dtype} of shape {tuple(s.shape)}" if isinstance(s, Tensor) else type(s)
+            raise TypeError(
+                f"index_sets[{r}] must be a 1-D integer tensor of row indices, got {got}"
+            )
+        if s.numel() and not 0 <= int(s.min()) <= int(s.max()) < num_rows:
+            bad = int(s.max()) if int(s.max()) >= num_rows else int(s.min())
+            raise ValueError(
+                f"index_sets[{r}] holds row {bad}, outside 0..{num_rows - 1} (num_rows={num_rows})"
+            )
+
+
 def measure_sparsity(
     index_sets: Sequence[Tensor], num_rows: int, rows_per_block: int | None = None
 ) -> SparsityStats:
@@ -160,6 +180,7 @@ def measure_sparsity(
     equal parts, ``max part density / density``) and the mean pairwise
     overlap ratio ``|I_a & I_b| / min(|I_a|, |I_b|)``.
     """
+    _check_index_sets(index_sets, num_rows)
     n = len(index_sets)
     mean = sum(s.numel() for s in index_sets) / n
     union = torch.unique(torch.cat(list(index_sets)))
@@ -211,6 +232,8 @@ def predict_wire_bytes(
     busiest rank's share: Zen's by the given imbalance ratios (Theorem 2: about
     1), OmniReduce's by ``stats.skewness``, the others' the mean.
     """
+    if scheme not in SCHEME_NAMES:
+        raise ValueError(f"unknown scheme {scheme!r}; expected one of {SCHEME_NAMES}")
     n, m, d = stats.world_size, stats.num_rows, stats.density
     row = values_per_index * value_bytes
     entry = index_bytes + row

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from thrifty.comm import collectives
+from thrifty.compressors.registry import check_options
 from thrifty.zen.schemes import (
     AllGatherSparse,
     BalancedParallelism,
@@ -66,6 +67,7 @@ def make_scheme(name: str, **options: object) -> SparseScheme:
     """A scheme by name, with its options (e.g. ``make_scheme("zen", seed=7)``)."""
     if name not in SCHEMES:
         raise ValueError(f"unknown sparse scheme {name!r}; expected one of {sorted(SCHEMES)}")
+    check_options(name, SCHEMES[name], options)
     return SCHEMES[name](**options)  # type: ignore[arg-type]
 
 
