@@ -59,6 +59,21 @@ def test_simulate_sweeps_policies_and_sizes(tmp_path, results):
     assert "Invalid value for '--policies'" in bad.output
 
 
+def test_simulate_runs_every_baseline_and_prints_ratios_to_the_best(tmp_path, results):
+    path = write_jsonl(synthetic_trace(num_sessions=6, seed=1), tmp_path / "t.jsonl")
+    policies = "vllm+,sglang+,sglang,seglen,vllm,marconi"
+    args = ["--trace", str(path), "--sizes-gb", "0.5", "--workers", "1", "--ttft", "paper"]
+    result = runner.invoke(app, ["marconi", "simulate", *args, "--policies", policies])
+    assert result.exit_code == 0, result.output
+    payload = json.loads((results / "marconi_sweep.json").read_text())
+    (row,) = payload["hit_rate_table"]["rows"]
+    baselines = {p: row[p] for p in policies.split(",") if p != "marconi"}
+    assert row["best_baseline"] == max(baselines, key=baselines.get)
+    assert row["vs_best"]["marconi"] == pytest.approx(row["marconi"] / max(baselines.values()))
+    assert "best baseline" in result.output
+    assert f"{row['vs_best']['marconi']:.2f}x" in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "flag"),
     [

@@ -148,6 +148,28 @@ def marconi_sweep_table(payload: dict[str, Any]) -> Table:
     return table
 
 
+def marconi_ratio_table(payload: dict[str, Any]) -> Table:
+    """One row per cache size: every policy's hit rate over the best baseline's there."""
+    policies = payload["policies"]
+    rows = payload["hit_rate_table"]["rows"]
+    table = Table(title="token hit rate / best baseline's (the best non-Marconi policy per size)")
+    table.add_column("GB", justify="right")
+    table.add_column("best baseline")
+    for policy in policies:
+        table.add_column(policy, justify="right")
+    for row in rows:
+        ratios = row.get("vs_best", {})
+        cells = [f"{ratios[p]:.2f}x" if p in ratios else "-" for p in policies]
+        table.add_row(f"{row['capacity_gb']:g}", row.get("best_baseline", "-"), *cells)
+    summary = payload["hit_rate_table"]
+    if "mean_ratio_vs_best" in summary:
+        table.caption = (
+            f"marconi / best baseline: mean {summary['mean_ratio_vs_best']:.2f}x, "
+            f"min {summary['min_ratio_vs_best']:.2f}x"
+        )
+    return table
+
+
 @app.command("simulate")
 def marconi_simulate(
     trace: Annotated[str, typer.Option(help="A JSONL trace; default: --source.")] = "",
@@ -160,7 +182,11 @@ def marconi_simulate(
         str, typer.Option(help="Comma-separated cache sizes in GB.")
     ] = "1,2,3,4,5,10",
     policies: Annotated[
-        str, typer.Option(help="Comma-separated policies.")
+        str,
+        typer.Option(
+            help="Comma-separated policies: the paper's vllm+, sglang+, marconi and "
+            "today's sglang, seglen, vllm."
+        ),
     ] = "vllm+,sglang+,marconi",
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 2,
     tuner: Annotated[
@@ -199,7 +225,9 @@ def marconi_simulate(
         alpha=alpha,
         name=name,
     )
-    Console(width=max(console.width, 160)).print(marconi_sweep_table(payload))
+    wide = Console(width=max(console.width, 160))
+    wide.print(marconi_sweep_table(payload))
+    wide.print(marconi_ratio_table(payload))
     for goal, result in payload["goals"].items():
         detail = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
         verdict = {True: "holds", False: "NOT met", None: "undefined"}[result["holds"]]

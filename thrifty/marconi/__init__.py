@@ -5,13 +5,16 @@ at most one SSM checkpoint at its end; a hit is the deepest matched node with a
 checkpoint. Admission decides where to checkpoint (Marconi: after the last
 decoded token and at the branch point; vLLM+: every block), eviction what to
 free (Marconi: recency + alpha x FLOP efficiency; SGLang+/vLLM+: LRU leaves).
-States are objects that know their size, so the simulator (sizes only) and an
-engine (real tensors) share the same tree and policies.
+Today's engines are baselines too: SGLang's ``MambaRadixCache`` ("sglang"),
+SegLen ("seglen") and vLLM's align mode ("vllm"). States are objects that know
+their size, so the simulator (sizes only) and an engine (real tensors) share
+the same tree and policies, and both pass a request through the cache with one
+handle (:meth:`PrefixCache.begin`, :meth:`CacheRequest.finish`).
 
-Exported here: the cache (:func:`build_cache`, :class:`PrefixCache` and what a
-request returns), the model it sizes states with (:class:`ModelSpec`), traces
-(:func:`load_trace` and the formats), and the simulator (:func:`simulate`,
-:func:`sweep`, :class:`SimResult`, :class:`TTFTModel`).
+Exported here: the cache (:func:`build_cache`, :class:`PrefixCache`, the
+request handle and what a request returns), the model it sizes states with
+(:class:`ModelSpec`), traces (:func:`load_trace` and the formats), and the
+simulator (:func:`simulate`, :func:`sweep`, :class:`SimResult`, :class:`TTFTModel`).
 
 Modules: ``states`` (state protocols), ``model`` (FLOP/byte model from HF
 configs), ``tree`` (radix tree), ``policies`` (admission, eviction),
@@ -28,8 +31,11 @@ harness). Marconi imports no training substrate (``thrifty.comm``,
 from __future__ import annotations
 
 from thrifty.marconi.cache import (
+    BASELINES,
+    PAPER_POLICIES,
     POLICIES,
     AdmitResult,
+    CacheRequest,
     CacheStats,
     PrefixCache,
     RequestOutcome,
@@ -48,8 +54,11 @@ from thrifty.marconi.traces import (
 )
 
 __all__ = [
+    "BASELINES",
+    "PAPER_POLICIES",
     "POLICIES",
     "AdmitResult",
+    "CacheRequest",
     "CacheStats",
     "ModelSpec",
     "PrefixCache",

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from thrifty.bench.results import results_dir, write_json
-from thrifty.marconi.cache import POLICIES, build_cache
+from thrifty.marconi.cache import PAPER_POLICIES, build_cache
 from thrifty.marconi.engine import HybridEngine, build_model, hybrid_config
 from thrifty.marconi.model import ModelSpec, paper_hybrid_7b
 from thrifty.marconi.simulate import GB, TTFTModel, hit_rate_table, sweep
@@ -119,7 +119,7 @@ def load_ttft_model(spec: str) -> tuple[TTFTModel, str]:
 def run_sweep(
     trace: Trace,
     *,
-    policies: Sequence[str] = POLICIES,
+    policies: Sequence[str] = PAPER_POLICIES,
     capacities_gb: Sequence[float] = (1, 2, 3, 4, 5, 10),
     spec: ModelSpec | None = None,
     workers: int = 2,
@@ -206,7 +206,14 @@ def plot_sweep(payload: dict[str, Any], path: Path) -> Path:
     import matplotlib.pyplot as plt  # optional: [bench]
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"vllm+": ("C0", "s"), "sglang+": ("C2", "^"), "marconi": ("C1", "o")}
+    styles = {
+        "vllm+": ("C0", "s"),
+        "sglang+": ("C2", "^"),
+        "marconi": ("C1", "o"),
+        "sglang": ("C4", "v"),
+        "seglen": ("C5", "D"),
+        "vllm": ("C9", "P"),
+    }
     for policy in payload["policies"]:
         rows = sorted(
             (r for r in payload["results"] if r["policy"] == policy),
@@ -262,7 +269,7 @@ def run_serve_trace(
     trace: Trace,
     *,
     capacities_mb: Sequence[float] = (8, 16),
-    policies: Sequence[str] = POLICIES,
+    policies: Sequence[str] = PAPER_POLICIES,
     model_options: dict[str, Any] | None = None,
     repeats: int = 3,
     threads: int = 1,
@@ -441,7 +448,15 @@ def plot_serve(payload: dict[str, Any], path: Path) -> Path:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     rows = payload["rows"]
-    colors = {"none": "0.5", "vllm+": "C0", "sglang+": "C2", "marconi": "C1"}
+    colors = {
+        "none": "0.5",
+        "vllm+": "C0",
+        "sglang+": "C2",
+        "marconi": "C1",
+        "sglang": "C4",
+        "seglen": "C5",
+        "vllm": "C9",
+    }
     xs = np.arange(len(rows))
     bar_colors = [colors.get(r["policy"], "C3") for r in rows]
     left.bar(xs - 0.2, [r["ttft_mean_ms"] for r in rows], 0.4, label="mean", color=bar_colors)

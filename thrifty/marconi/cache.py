@@ -1,27 +1,37 @@
 """The prefix cache: one radix tree, an admission policy, an eviction policy, a byte budget.
 
-One request goes through it in two calls, so an engine can prefill in between:
+One request goes through it in two calls, so an engine can prefill in between
+(SGLang hides the same sequence behind ``match_prefix`` and
+``cache_finished_req``):
 
-1. :meth:`PrefixCache.lookup` matches the input and touches what the hit used.
-   The hit is :attr:`MatchResult.hit_length` tokens (restore the KV of the
-   path and the SSM checkpoint of ``hit_node``, prefill the rest).
-   :meth:`PrefixCache.checkpoint_positions` then says which SSM states to keep
-   (a branch point inside the input must be captured during prefill).
-2. :meth:`PrefixCache.admit` stores input + output with those checkpoints. It
-   plans the bytes first, pins the request's path, evicts until the plan fits,
-   then inserts; the budget is never exceeded (a request whose path cannot
-   fit at all is not admitted, or truncated if asked).
+1. :meth:`PrefixCache.begin` matches the input, touches what the hit used and
+   returns a :class:`CacheRequest`: the hit (:attr:`~CacheRequest.hit_length`
+   tokens; restore :attr:`~CacheRequest.hit_kv` and
+   :attr:`~CacheRequest.hit_checkpoint`, prefill the rest) and the positions
+   whose SSM states the request must capture: inside the input
+   (:attr:`~CacheRequest.prefill_positions`, e.g. Marconi's branch point, which
+   prefill must end a piece at) and in the output
+   (:attr:`~CacheRequest.output_positions`).
+2. :meth:`CacheRequest.finish` stores input + output with those checkpoints and
+   counts the request. It plans the bytes first, pins the request's path,
+   evicts until the plan fits, then inserts; the budget is never exceeded (a
+   request whose path cannot fit at all is not admitted, or truncated if
+   asked).
 
-:meth:`PrefixCache.serve` does both with size-only states (the simulator).
-The three systems of the paper are :func:`build_cache` ("marconi", "sglang+",
-"vllm+").
+The simulator (:meth:`PrefixCache.serve`) and the engine
+(:class:`~thrifty.marconi.engine.HybridEngine`) both go through these two
+calls; only the states differ (sizes vs tensors). :func:`build_cache` builds
+the paper's systems ("marconi", "sglang+", "vllm+") and today's engines
+("sglang", "seglen", "vllm").
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from thrifty.marconi.model import ModelSpec
@@ -31,19 +41,40 @@ from thrifty.marconi.policies import (
     EvictionPolicy,
     LRUEviction,
     MarconiAdmission,
+    SegLenEviction,
+    SGLangAdmission,
+    SGLangEviction,
     UtilityEviction,
+    VLLMAlignAdmission,
+    VLLMEviction,
+    vllm_align_geometry,
 )
-from thrifty.marconi.states import StateSource
+from thrifty.marconi.states import Checkpoint, KVSegment, SizedSource, StateSource
 from thrifty.marconi.tree import InsertPlan, MatchResult, RadixTree
 
 if TYPE_CHECKING:
     from thrifty.marconi.tuner import AlphaTuner
 
-__all__ = ["POLICIES", "AdmitResult", "CacheStats", "PrefixCache", "RequestOutcome", "build_cache"]
+__all__ = [
+    "BASELINES",
+    "PAPER_POLICIES",
+    "POLICIES",
+    "AdmitResult",
+    "CacheRequest",
+    "CacheStats",
+    "PrefixCache",
+    "RequestOutcome",
+    "build_cache",
+]
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("vllm+", "sglang+", "marconi")
+POLICIES = ("vllm+", "sglang+", "marconi", "sglang", "seglen", "vllm")
+"""Every policy :func:`build_cache` builds."""
+PAPER_POLICIES = ("vllm+", "sglang+", "marconi")
+"""The paper's three systems (the default sweep)."""
+BASELINES = tuple(p for p in POLICIES if p != "marconi")
+"""Everything Marconi is compared against."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +122,87 @@ class CacheStats:
         return asdict(self)
 
 
+@dataclass(eq=False)
+class CacheRequest:
+    """One request's way through a :class:`PrefixCache`, from :meth:`PrefixCache.begin`
+    to :meth:`finish`.
+
+    Attributes:
+        cache: the cache it came from.
+        input_tokens: the request's input.
+        num_output: output tokens the positions were planned for.
+        match: what the tree held of the input when the request began.
+        positions: positions beyond the hit whose SSM states the request should
+            store (1-based token counts into input + output), from the
+            admission policy.
+    """
+
+    cache: PrefixCache
+    input_tokens: list[int]
+    num_output: int
+    match: MatchResult
+    positions: tuple[int, ...]
+    _prefill: tuple[int, ...] | None = field(default=None, repr=False)
+    _finished: bool = field(default=False, repr=False)
+
+    @property
+    def hit_length(self) -> int:
+        """Input tokens the cache restores (0 on a miss)."""
+        return self.match.hit_length
+
+    @property
+    def hit_kv(self) -> tuple[KVSegment, ...]:
+        """KV segments of the hit, top-down; concatenated they cover ``hit_length`` tokens."""
+        return tuple(node.kv for node in self.match.hit_path)
+
+    @property
+    def hit_checkpoint(self) -> Checkpoint | None:
+        """The SSM state after ``hit_length`` tokens (None on a miss)."""
+        node = self.match.hit_node
+        return None if node.is_root else node.checkpoint
+
+    @property
+    def prefill_positions(self) -> tuple[int, ...]:
+        """Positions inside the input whose state prefill must capture: planned
+        ones the tree does not hold yet (prefill ends a piece at each)."""
+        if self._prefill is None:
+            if self._finished:
+                raise RuntimeError("prefill_positions must be read before finish()")
+            n_in = len(self.input_tokens)
+            inside = [p for p in self.positions if p <= n_in]
+            new = set(self.cache.tree.plan_insert(self.input_tokens, inside).new_checkpoints)
+            self._prefill = tuple(p for p in inside if p in new)
+        return self._prefill
+
+    @property
+    def output_positions(self) -> tuple[int, ...]:
+        """Positions after the input whose state decoding must capture."""
+        n_in = len(self.input_tokens)
+        return tuple(p for p in self.positions if p > n_in)
+
+    def finish(
+        self, output_tokens: Sequence[int], source: StateSource | None = None
+    ) -> RequestOutcome:
+        """Store input + output with the planned states, count the request, return it.
+
+        Args:
+            output_tokens: what was decoded (or fed). If its length differs
+                from ``num_output`` the positions are planned again for it, and
+                ``source`` must hold the states at those.
+            source: the request's states (an engine's tensors); default: the
+                cache's size-only states.
+        """
+        if self._finished:
+            raise RuntimeError("finish() was already called for this request")
+        self._finished = True
+        output = token_list(output_tokens, "output_tokens")
+        positions = self.positions
+        if len(output) != self.num_output:
+            positions = self.cache._positions(self.match, len(self.input_tokens), len(output))
+        admitted = self.cache.admit(self.input_tokens + output, positions, source)
+        return self.cache._record(self.input_tokens, output, self.match, admitted)
+
+
 class PrefixCache:
     """A byte-budgeted prefix cache for a hybrid model.
 
@@ -105,17 +217,22 @@ class PrefixCache:
             otherwise empty cache keeps its leading checkpoints that fit
             (True) or is not admitted at all (False, default: it would flush
             the whole cache for a prefix that the next turn outgrows anyway).
+        state_capacity_bytes: split the budget into two pools, as SGLang does:
+            this many bytes for SSM states, the rest for KV, each pool evicted
+            on its own (``eviction.select_state_victim`` and
+            ``eviction.select_victim``). Default: one shared budget.
+        source: the size-only states the simulator stores (default
+            ``spec.source()``; vLLM charges its padded state pages).
 
     Example (an engine; ``TensorSource`` is the engine's :class:`StateSource`)::
 
-        match = cache.lookup(input_ids)
-        kv_segments = [node.kv for node in match.hit_path]  # concatenate per layer
-        ssm = match.hit_node.checkpoint  # None on a miss
-        positions = cache.checkpoint_positions(match, len(input_ids), max_new_tokens)
-        # prefill input_ids[match.hit_length:], capturing the SSM state at every
-        # position <= len(input_ids); decode; then, with the real output length:
-        positions = cache.checkpoint_positions(match, len(input_ids), len(output_ids))
-        cache.admit(input_ids + output_ids, positions, TensorSource(...))
+        request = cache.begin(input_ids, max_new_tokens, max_hit=len(input_ids) - 1)
+        kv_segments = request.hit_kv  # concatenate per layer
+        ssm = request.hit_checkpoint  # None on a miss
+        # prefill input_ids[request.hit_length:] in pieces that end at each of
+        # request.prefill_positions, capturing the SSM state there; decode,
+        # capturing at request.output_positions; then:
+        outcome = request.finish(output_ids, TensorSource(...))
     """
 
     def __init__(
@@ -128,10 +245,48 @@ class PrefixCache:
         tuner: AlphaTuner | None = None,
         name: str | None = None,
         truncate_oversized: bool = False,
+        state_capacity_bytes: int | None = None,
+        source: StateSource | None = None,
     ) -> None:
-        if capacity_bytes <= 0:
-            raise ValueError(f"capacity_bytes must be positive, got {capacity_bytes}")
+        if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, numbers.Real):
+            raise TypeError(
+                f"capacity_bytes must be a number of bytes, got {type(capacity_bytes).__name__} "
+                f"{capacity_bytes!r}"
+            )
+        if not 0 < capacity_bytes < math.inf:
+            raise ValueError(f"capacity_bytes must be a finite number > 0, got {capacity_bytes}")
+        # Policies are protocols, not base classes: check the one method each must have.
+        if not isinstance(spec, ModelSpec):
+            raise TypeError(
+                f"spec must be a ModelSpec (e.g. paper_hybrid_7b()), got {type(spec).__name__} "
+                f"{spec!r}"
+            )
+        if not callable(getattr(admission, "checkpoint_positions", None)):
+            raise TypeError(
+                f"admission must be an admission policy (e.g. MarconiAdmission()), got "
+                f"{type(admission).__name__} {admission!r}; build_cache(policy, ...) builds "
+                "the named systems"
+            )
+        if not callable(getattr(eviction, "select_victim", None)):
+            raise TypeError(
+                f"eviction must be an eviction policy (e.g. LRUEviction()), got "
+                f"{type(eviction).__name__} {eviction!r}"
+            )
+        if state_capacity_bytes is not None:
+            if not 0 < state_capacity_bytes < capacity_bytes:
+                raise ValueError(
+                    f"state_capacity_bytes must lie strictly between 0 and capacity_bytes "
+                    f"{capacity_bytes}, got {state_capacity_bytes}"
+                )
+            if not callable(getattr(eviction, "select_state_victim", None)):
+                raise ValueError(
+                    f"eviction policy {eviction.name!r} has one pool; a split budget "
+                    "(state_capacity_bytes) needs select_state_victim"
+                )
         self.capacity_bytes = int(capacity_bytes)
+        self.state_capacity_bytes = (
+            None if state_capacity_bytes is None else int(state_capacity_bytes)
+        )
         self.spec = spec
         self.admission = admission
         self.eviction = eviction
@@ -139,27 +294,54 @@ class PrefixCache:
         self.name = name or f"{admission.name}/{eviction.name}"
         self.tree = RadixTree()
         eviction.attach(self.tree)
-        self.source = spec.source()
+        self.source = source if source is not None else spec.source()
         self.truncate_oversized = truncate_oversized
         self.stats = CacheStats()
 
-    # ------------------------------------------------------------------ engine API
+    # ------------------------------------------------------------------ one request
+
+    def begin(
+        self, input_tokens: Sequence[int], num_output: int, *, max_hit: int | None = None
+    ) -> CacheRequest:
+        """Match a request's input and plan its checkpoints; see :class:`CacheRequest`.
+
+        Args:
+            input_tokens: the input.
+            num_output: output tokens the request will produce.
+            max_hit: ignore checkpoints deeper than this (an engine that must
+                run the last input token for its logits passes ``len - 1``).
+        """
+        if num_output < 0:
+            raise ValueError(f"num_output must be >= 0, got {num_output}")
+        tokens = token_list(input_tokens, "input_tokens")
+        match = self.lookup(tokens, max_hit)
+        positions = tuple(self._positions(match, len(tokens), num_output))
+        return CacheRequest(self, tokens, num_output, match, positions)
+
+    def serve(self, input_tokens: Sequence[int], output_tokens: Sequence[int]) -> RequestOutcome:
+        """:meth:`begin` then :meth:`CacheRequest.finish` with size-only states (the simulator)."""
+        output = token_list(output_tokens, "output_tokens")
+        return self.begin(input_tokens, len(output)).finish(output)
+
+    # ------------------------------------------------------------------ steps
 
     def lookup(self, input_tokens: Sequence[int], max_hit: int | None = None) -> MatchResult:
         """Match ``input_tokens`` and touch what the hit used (per the eviction policy)."""
-        match = self.tree.match_prefix(input_tokens, max_hit)
+        match = self.tree.match_prefix(token_list(input_tokens, "input_tokens"), max_hit)
         self.tree.tick()
-        if self.eviction.touch_path:
-            self.tree.touch(match.path)
-        elif not match.hit_node.is_root:
-            self.tree.touch([match.hit_node])
+        self.eviction.on_hit(match)
         return match
 
     def checkpoint_positions(
         self, match: MatchResult, num_input: int, num_output: int
     ) -> list[int]:
-        """Positions whose SSM state the request should hand to :meth:`admit`."""
+        """Positions whose SSM state the admission policy stores (the hit's included)."""
         return self.admission.checkpoint_positions(match, num_input, num_output)
+
+    def _positions(self, match: MatchResult, num_input: int, num_output: int) -> list[int]:
+        """Positions a request must capture: the policy's, beyond the hit."""
+        hit = match.hit_length
+        return [p for p in self.checkpoint_positions(match, num_input, num_output) if p > hit]
 
     def admit(
         self,
@@ -169,13 +351,11 @@ class PrefixCache:
     ) -> AdmitResult:
         """Store ``tokens`` with checkpoints at ``positions``, evicting first if needed."""
         tree = self.tree
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
+        tokens = token_list(tokens, "tokens")
         source = source if source is not None else self.source
         positions = sorted({p for p in positions if 0 < p <= len(tokens)})
         plan = tree.plan_insert(tokens, positions)
-        need = plan.nbytes(source)
-        leaf = ckpt = 0
-        if self._footprint(plan, source) > self.capacity_bytes:
+        if not self._fits_alone(plan, source):
             # Even an otherwise empty cache could not hold this request's path.
             if self.truncate_oversized:
                 positions = self._fitting_prefix(tokens, positions, source)
@@ -184,21 +364,14 @@ class PrefixCache:
                 return AdmitResult(False, 0, 0, 0, 0)
             self.stats.truncated += 1
             plan = tree.plan_insert(tokens, positions)
-            need = plan.nbytes(source)
+        need_state = len(plan.new_checkpoints) * source.checkpoint_nbytes()
+        need = plan.nbytes(source)
         tree.pin(plan.pin_nodes)
         try:
-            while tree.nbytes + need > self.capacity_bytes:
-                victim = self.eviction.select_victim()
-                if victim is None:
-                    break
-                if tree.evict(victim).kind == "leaf":
-                    leaf += 1
-                else:
-                    ckpt += 1
-                tree.tick()
+            leaf, ckpt = self._make_room(need - need_state, need_state)
             self.stats.leaf_evictions += leaf
             self.stats.checkpoint_evictions += ckpt
-            if tree.nbytes + need > self.capacity_bytes:
+            if not self._has_room(need - need_state, need_state):
                 self.stats.rejected += 1
                 return AdmitResult(False, 0, 0, leaf, ckpt)
             tree.tick()
@@ -208,17 +381,66 @@ class PrefixCache:
                     f"insert added {result.added_bytes} bytes but {need} were planned: "
                     "the state source's sizes disagree with the states it builds"
                 )
-            if self.eviction.touch_path:
-                tree.touch(result.path)
+            self.eviction.on_insert(result)
         finally:
             tree.unpin(plan.pin_nodes)
+        trimmed = self.eviction.trim_path(result)
+        self.stats.checkpoint_evictions += trimmed
         assert tree.nbytes <= self.capacity_bytes
-        return AdmitResult(True, need, result.new_checkpoints, leaf, ckpt)
+        return AdmitResult(True, need, result.new_checkpoints, leaf, ckpt + trimmed)
 
-    @staticmethod
-    def _footprint(plan: InsertPlan, source: StateSource) -> int:
-        """Bytes the request's path needs once everything else is evicted."""
-        return plan.nbytes(source) + sum(node.nbytes for node in plan.pin_nodes)
+    def _make_room(self, need_kv: int, need_state: int) -> tuple[int, int]:
+        """Evict until the plan fits (or nothing is left); (leaf, checkpoint) evictions."""
+        tree, eviction = self.tree, self.eviction
+        leaf = ckpt = 0
+        if self.state_capacity_bytes is None:
+            pools = [(lambda: tree.nbytes + need_kv + need_state > self.capacity_bytes, None)]
+        else:
+            kv_capacity = self.capacity_bytes - self.state_capacity_bytes
+            pools = [
+                (
+                    lambda: tree.state_nbytes + need_state > self.state_capacity_bytes,
+                    eviction.select_state_victim,
+                ),
+                (lambda: tree.nbytes - tree.state_nbytes + need_kv > kv_capacity, None),
+            ]
+        for over, select in pools:
+            select = select or eviction.select_victim
+            while over():
+                victim = select()
+                if victim is None:
+                    break
+                if tree.evict(victim).kind == "leaf":
+                    leaf += 1
+                else:
+                    ckpt += 1
+                tree.tick()
+        return leaf, ckpt
+
+    def _has_room(self, need_kv: int, need_state: int) -> bool:
+        tree = self.tree
+        if self.state_capacity_bytes is None:
+            return tree.nbytes + need_kv + need_state <= self.capacity_bytes
+        kv_capacity = self.capacity_bytes - self.state_capacity_bytes
+        return (
+            tree.state_nbytes + need_state <= self.state_capacity_bytes
+            and tree.nbytes - tree.state_nbytes + need_kv <= kv_capacity
+        )
+
+    def _fits_alone(self, plan: InsertPlan, source: StateSource) -> bool:
+        """Whether the request's path fits once everything else is evicted."""
+        if self.state_capacity_bytes is None:
+            return plan.nbytes(source) + sum(n.nbytes for n in plan.pin_nodes) <= (
+                self.capacity_bytes
+            )
+        state = len(plan.new_checkpoints) * source.checkpoint_nbytes() + sum(
+            n.checkpoint.nbytes for n in plan.pin_nodes if n.checkpoint is not None
+        )
+        kv = source.kv_nbytes(plan.new_kv_tokens) + sum(n.kv.nbytes for n in plan.pin_nodes)
+        return (
+            state <= self.state_capacity_bytes
+            and kv <= self.capacity_bytes - self.state_capacity_bytes
+        )
 
     def _fitting_prefix(
         self, tokens: list[int], positions: list[int], source: StateSource
@@ -227,37 +449,20 @@ class PrefixCache:
         lo, hi = 0, len(positions)  # positions[:lo] fits, positions[:hi + 1] does not
         while lo < hi:
             mid = (lo + hi + 1) // 2
-            plan = self.tree.plan_insert(tokens, positions[:mid])
-            if self._footprint(plan, source) <= self.capacity_bytes:
+            if self._fits_alone(self.tree.plan_insert(tokens, positions[:mid]), source):
                 lo = mid
             else:
                 hi = mid - 1
         return positions[:lo]
 
-    # ------------------------------------------------------------------ simulator API
-
-    def serve(self, input_tokens: Sequence[int], output_tokens: Sequence[int]) -> RequestOutcome:
-        """Look up, then admit input + output with size-only states; update stats."""
-        input_tokens = input_tokens if isinstance(input_tokens, list) else list(input_tokens)
-        output_tokens = output_tokens if isinstance(output_tokens, list) else list(output_tokens)
-        n_in, n_out = len(input_tokens), len(output_tokens)
-        match = self.lookup(input_tokens)
-        positions = self.checkpoint_positions(match, n_in, n_out)
-        admitted = self.admit(input_tokens + output_tokens, positions)
-        return self.record(input_tokens, output_tokens, match, admitted)
-
-    def record(
+    def _record(
         self,
         input_tokens: list[int],
         output_tokens: list[int],
         match: MatchResult,
         admitted: AdmitResult,
     ) -> RequestOutcome:
-        """Count a served request in :attr:`stats` and hand it to the tuner.
-
-        :meth:`serve` calls it; an engine that calls :meth:`lookup` and
-        :meth:`admit` itself calls it after :meth:`admit`.
-        """
+        """Count a finished request in :attr:`stats` and hand it to the tuner."""
         n_in, n_out = len(input_tokens), len(output_tokens)
         hit = min(match.hit_length, n_in)
         outcome = RequestOutcome(
@@ -286,6 +491,7 @@ class PrefixCache:
         """A size-only copy (tree, clock, policy parameters; no tuner, fresh stats)."""
         twin = PrefixCache.__new__(PrefixCache)
         twin.capacity_bytes = self.capacity_bytes
+        twin.state_capacity_bytes = self.state_capacity_bytes
         twin.spec = self.spec
         twin.admission = self.admission
         twin.eviction = self.eviction.fresh()
@@ -299,6 +505,24 @@ class PrefixCache:
         return twin
 
 
+def token_list(tokens: Sequence[int], what: str) -> list[int]:
+    """``tokens`` as a list; a tensor, an array or a string fails here, named.
+
+    A tensor's elements hash by identity, so a tensor of ids would match
+    nothing, silently; a string would be cached character by character. Only
+    the container is checked (O(1)): the ids themselves are checked once, when
+    a :class:`~thrifty.marconi.traces.Request` is built, not on every lookup.
+    """
+    if isinstance(tokens, list):
+        return tokens
+    if isinstance(tokens, str | bytes) or not isinstance(tokens, Sequence):
+        raise TypeError(
+            f"{what} must be a list of token ids (ints >= 0), got {type(tokens).__name__}; "
+            "pass tensor.tolist() for a tensor of ids"
+        )
+    return list(tokens)
+
+
 def build_cache(
     policy: str,
     capacity_bytes: int,
@@ -308,18 +532,36 @@ def build_cache(
     tuner: AlphaTuner | None = None,
     block_size: int = 32,
     truncate_oversized: bool = False,
+    mamba_full_memory_ratio: float = 0.9,
+    mamba_cache_chunk_size: int = 64,
+    max_states_per_path: int | None = None,
+    seglen_eff_weight: float = 0.85,
+    vllm_block_size: int | None = None,
+    prefix_match_unit: int | None = 64,
 ) -> PrefixCache:
-    """The paper's systems.
+    """The paper's systems and today's engines (see :mod:`thrifty.marconi.policies`).
 
     * ``"marconi"``: Marconi admission + utility eviction (``alpha``, or tuned
       online by ``tuner``; the paper's tuner starts from alpha 0).
     * ``"sglang+"``: Marconi admission + LRU over leaves, path touched.
     * ``"vllm+"``: a checkpoint every ``block_size`` tokens + LRU over leaves.
+    * ``"sglang"``: SGLang's ``MambaRadixCache`` (extra_buffer): states on the
+      ``mamba_cache_chunk_size`` grid, KV and states in two pools (states get
+      ``r / (1 + r)`` of the budget, ``r = mamba_full_memory_ratio``, SGLang's
+      ``--mamba-full-memory-ratio``), each evicted LRU;
+      ``max_states_per_path`` is ``--mamba-max-states-per-path``.
+    * ``"seglen"``: as ``"sglang"`` with SegLen eviction (``seglen_eff_weight``).
+    * ``"vllm"``: vLLM align mode; the block size comes from the model's KV
+      and state bytes (``vllm_block_size`` overrides it) and each state is
+      charged its padded page; ``prefix_match_unit`` (None: off) sets the
+      shared-prefix junction checkpoint.
 
     ``truncate_oversized`` is passed to :class:`PrefixCache`.
     """
     extra = {"truncate_oversized": truncate_oversized}
     if policy == "marconi":
+        if not 0 <= alpha < math.inf:
+            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
         return PrefixCache(
             capacity_bytes,
             spec,
@@ -338,5 +580,36 @@ def build_cache(
     if policy == "vllm+":
         return PrefixCache(
             capacity_bytes, spec, BlockAdmission(block_size), LRUEviction(), name="vllm+", **extra
+        )
+    if policy in ("sglang", "seglen"):
+        if mamba_full_memory_ratio <= 0:
+            raise ValueError(
+                f"mamba_full_memory_ratio must be positive, got {mamba_full_memory_ratio}"
+            )
+        ratio = mamba_full_memory_ratio
+        eviction = (
+            SGLangEviction(max_states_per_path)
+            if policy == "sglang"
+            else SegLenEviction(seglen_eff_weight, max_states_per_path)
+        )
+        return PrefixCache(
+            capacity_bytes,
+            spec,
+            SGLangAdmission(mamba_cache_chunk_size),
+            eviction,
+            name=policy,
+            state_capacity_bytes=max(1, round(capacity_bytes * ratio / (1 + ratio))),
+            **extra,
+        )
+    if policy == "vllm":
+        block, padded = vllm_align_geometry(spec, block_size=vllm_block_size)
+        return PrefixCache(
+            capacity_bytes,
+            spec,
+            VLLMAlignAdmission(block, prefix_match_unit=prefix_match_unit),
+            VLLMEviction(),
+            name="vllm",
+            source=SizedSource(spec.kv_bytes_per_token, padded),
+            **extra,
         )
     raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")

@@ -15,18 +15,21 @@ FalconH1's hybrid layers.
   every SSM layer's conv and recurrent state.
 * :class:`TensorSource` hands the tree a served request's states.
 
-One request (:meth:`HybridEngine.serve`):
+One request (:meth:`HybridEngine.serve`) calls the cache twice, through one
+handle (:class:`~thrifty.marconi.cache.CacheRequest`), and never touches its tree:
 
-1. match the input (``max_hit = len(input) - 1``: the last input token must
-   run through the model to give the first output token's logits);
-2. on a hit, build a fresh ``DynamicCache`` from the KV on the hit path and the
-   hit node's checkpoint, so the tree's tensors are never written to;
-3. prefill only the rest, in pieces that end at every checkpoint position the
-   admission policy asks for inside the input (Marconi: the branch point;
+1. ``cache.begin`` matches the input (``max_hit = len(input) - 1``: the last
+   input token must run through the model to give the first output token's
+   logits) and plans the checkpoints;
+2. on a hit, build a fresh ``DynamicCache`` from the hit's KV segments and
+   checkpoint, so the tree's tensors are never written to;
+3. prefill only the rest, in pieces that end at every position whose state
+   the request must capture inside the input (Marconi: the branch point;
    vLLM+: block boundaries), cloning the SSM state at each piece's end;
 4. greedy-decode the output (or feed a given output, to replay a trace), and
    feed the last token once more when a checkpoint after it is wanted;
-5. admit input + output with the cache's policy (evicting first).
+5. ``request.finish`` admits input + output with the captured states
+   (evicting first) and counts the request.
 
 TTFT is the wall time from the request's arrival at the engine to its first
 output token: lookup, restore, prefill and the captures inside it.
@@ -50,8 +53,7 @@ from typing import Any
 
 import torch
 
-from thrifty.marconi.cache import AdmitResult, PrefixCache
-from thrifty.marconi.tree import MatchResult
+from thrifty.marconi.cache import CacheRequest, PrefixCache
 
 __all__ = [
     "ARCHITECTURES",
@@ -316,7 +318,7 @@ class TensorCheckpoint:
 
 
 class TensorSource:
-    """A served request's states for :meth:`PrefixCache.admit`.
+    """A served request's states for :meth:`CacheRequest.finish`.
 
     Args:
         kv_cache: the request's ``DynamicCache`` after decoding (its KV covers
@@ -391,7 +393,8 @@ class ServeResult:
             checkpoints inside the input were captured).
         ttft_s: arrival to first output token (lookup, restore, prefill).
         total_s: arrival to the last output token fed, admission excluded.
-        admit_s: time to admit the request's states (eviction included).
+        admit_s: time to finish the request in the cache (admission, eviction,
+            and the alpha tuner's step if it has one).
         admitted: whether the cache stored the request.
         checkpoints_added: new SSM checkpoints stored.
     """
@@ -487,28 +490,22 @@ class HybridEngine:
         if top >= vocab or min(input_ids) < 0:
             raise ValueError(f"token ids must lie in [0, {vocab}), got up to {top}")
         started = time.perf_counter()
-        cache = self.cache
-        match: MatchResult | None = None
-        planned: list[int] = []
+        request: CacheRequest | None = None
         hit = 0
-        in_input: list[int] = []
-        if cache is not None:
-            match = cache.lookup(input_ids, max_hit=n_in - 1)
-            hit = match.hit_length
-            planned = [p for p in cache.checkpoint_positions(match, n_in, n_out) if p > hit]
-            # Prefill in pieces that end where an input position's state is
-            # wanted and not already in the tree.
-            in_input = [p for p in planned if p <= n_in]
-            if in_input:
-                new = set(cache.tree.plan_insert(input_ids, in_input).new_checkpoints)
-                in_input = [p for p in in_input if p in new]
+        in_input: tuple[int, ...] = ()
+        in_output: set[int] = set()
+        if self.cache is not None:
+            request = self.cache.begin(input_ids, n_out, max_hit=n_in - 1)
+            hit = request.hit_length
+            in_input = request.prefill_positions
+            in_output = set(request.output_positions)
         lookup_s = time.perf_counter() - started
 
         prefill_s = float("inf")
         for _ in range(repeats):
             rep_started = time.perf_counter()
             kv_cache = (
-                self._restore(match) if hit else self._dynamic_cache(config=self.model.config)
+                self._restore(request) if hit else self._dynamic_cache(config=self.model.config)
             )
             captured: dict[int, TensorCheckpoint] = {}
             pos = hit
@@ -522,7 +519,6 @@ class HybridEngine:
         ttft = lookup_s + prefill_s
         decode_started = time.perf_counter()
 
-        in_output = {p for p in planned if p > n_in}
         if forced is not None:
             fed = forced
             pos = n_in
@@ -546,14 +542,13 @@ class HybridEngine:
                     outputs.append(int(logits[0, -1].argmax()))
         total = ttft + time.perf_counter() - decode_started
 
-        admitted = AdmitResult(False, 0, 0, 0, 0)
-        admit_s = 0.0
-        if cache is not None and match is not None:
+        admitted, checkpoints_added, admit_s = False, 0, 0.0
+        if request is not None:
             admit_started = time.perf_counter()
             source = TensorSource(kv_cache, self.kv_layers, captured, self.checkpoint_nbytes)
-            admitted = cache.admit(input_ids + fed, planned, source)
+            outcome = request.finish(fed, source)
             admit_s = time.perf_counter() - admit_started
-            cache.record(input_ids, fed, match, admitted)
+            admitted, checkpoints_added = outcome.admitted, outcome.checkpoints_added
         return ServeResult(
             output_ids=outputs,
             fed_ids=list(fed),
@@ -563,8 +558,8 @@ class HybridEngine:
             ttft_s=ttft,
             total_s=total,
             admit_s=admit_s,
-            admitted=admitted.admitted,
-            checkpoints_added=admitted.checkpoints_added,
+            admitted=admitted,
+            checkpoints_added=checkpoints_added,
         )
 
     def generate(self, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
@@ -627,18 +622,18 @@ class HybridEngine:
                 )
         return TensorCheckpoint(tuple(states), position)
 
-    def _restore(self, match: MatchResult | None) -> Any:
-        """A fresh ``DynamicCache`` holding the hit path's KV and the hit node's SSM state."""
-        assert match is not None
+    def _restore(self, request: CacheRequest | None) -> Any:
+        """A fresh ``DynamicCache`` holding the hit's KV and SSM state."""
+        assert request is not None
         kv_cache = self._dynamic_cache(config=self.model.config)
-        segments = [node.kv for node in match.hit_path]
+        segments = request.hit_kv
         for j, i in enumerate(self.kv_layers):
             keys = torch.cat([seg.keys[j] for seg in segments], dim=2)
             values = torch.cat([seg.values[j] for seg in segments], dim=2)
             kv_cache.layers[i].update(keys, values)
-        checkpoint = match.hit_node.checkpoint
+        checkpoint = request.hit_checkpoint
         if not isinstance(checkpoint, TensorCheckpoint):
-            raise TypeError(f"the hit node holds {type(checkpoint).__name__}, not tensors")
+            raise TypeError(f"the hit holds {type(checkpoint).__name__}, not tensors")
         # update_*_state copies into the layer's own buffers: the tree is never aliased.
         for i, idx, conv, rec in checkpoint.states:
             layer = kv_cache.layers[i]

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from thrifty.marconi.cache import POLICIES, build_cache
+from thrifty.marconi.cache import BASELINES, PAPER_POLICIES, POLICIES, build_cache
 from thrifty.marconi.model import ModelSpec, paper_hybrid_7b
 from thrifty.marconi.traces import Trace
 from thrifty.marconi.tuner import make_tuner
@@ -46,6 +46,13 @@ class TTFTModel:
 
     intercept_ms: float = 17.8
     per_token_ms: float = 0.053
+
+    def __post_init__(self) -> None:
+        # Either sign is a valid fit; NaN or Inf would turn every TTFT into NaN.
+        for name in ("intercept_ms", "per_token_ms"):
+            value = getattr(self, name)
+            if not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number of milliseconds, got {value!r}")
 
     def __call__(self, uncached_tokens: int) -> float:
         return self.intercept_ms + self.per_token_ms * uncached_tokens
@@ -114,12 +121,13 @@ def simulate(
     block_size: int = 32,
     truncate_oversized: bool = False,
     progress: bool = False,
+    policy_options: dict[str, Any] | None = None,
 ) -> SimResult:
     """Replay ``trace`` through one policy at one cache size.
 
     Args:
         trace: the requests.
-        policy: ``"marconi"``, ``"sglang+"`` or ``"vllm+"``.
+        policy: one of :data:`~thrifty.marconi.cache.POLICIES`.
         capacity_bytes: the cache budget.
         spec: the model (default: the paper's 7B hybrid).
         alpha: a fixed alpha for Marconi (disables the tuner).
@@ -130,7 +138,14 @@ def simulate(
         block_size: vLLM+'s block size.
         truncate_oversized: see :class:`~thrifty.marconi.cache.PrefixCache`.
         progress: show a progress bar over requests.
+        policy_options: keyword arguments for :func:`~thrifty.marconi.cache.build_cache`
+            (e.g. ``max_states_per_path`` for ``"sglang"``).
     """
+    if not isinstance(trace, Trace):
+        raise TypeError(
+            f"trace must be a Trace (load_trace, read_jsonl, synthetic_trace), got "
+            f"{type(trace).__name__} {trace!r}"
+        )
     spec = spec or paper_hybrid_7b()
     ttft = ttft or TTFTModel()
     the_tuner = None
@@ -144,6 +159,7 @@ def simulate(
         tuner=the_tuner,
         block_size=block_size,
         truncate_oversized=truncate_oversized,
+        **(policy_options or {}),
     )
     started = time.perf_counter()
     ttfts = np.empty(len(trace))
@@ -190,7 +206,7 @@ def _run_one(job: tuple[str, int, dict[str, Any]]) -> SimResult:
 
 def sweep(
     trace: Trace,
-    policies: Sequence[str] = POLICIES,
+    policies: Sequence[str] = PAPER_POLICIES,
     capacities_gb: Sequence[float] = PAPER_SHAREGPT_SIZES_GB,
     spec: ModelSpec | None = None,
     *,
@@ -238,6 +254,10 @@ def hit_rate_table(results: Sequence[SimResult]) -> dict[str, Any]:
 
     ``mean_ratio_vs_vllm`` is the mean over sizes of Marconi/vLLM+ (how the
     artifact averages), ``min_ratio_vs_sglang`` the worst size against SGLang+.
+    Each row also names its best baseline (the highest hit rate among the
+    non-Marconi policies run at that size) and every policy's ratio to it
+    (``vs_best``); ``mean_ratio_vs_best`` and ``min_ratio_vs_best`` summarise
+    Marconi's.
     """
     by = {(r.policy, r.capacity_bytes): r for r in results}
     sizes = sorted({r.capacity_bytes for r in results})
@@ -247,6 +267,12 @@ def hit_rate_table(results: Sequence[SimResult]) -> dict[str, Any]:
         for policy in POLICIES:
             if (policy, size) in by:
                 row[policy] = by[(policy, size)].token_hit_rate
+        baselines = [p for p in BASELINES if p in row]
+        if baselines:
+            best = max(baselines, key=lambda p: row[p])
+            row["best_baseline"] = best
+            if row[best] > 0:
+                row["vs_best"] = {p: row[p] / row[best] for p in POLICIES if p in row}
         rows.append(row)
     summary: dict[str, Any] = {"rows": rows}
     for base, key in (("vllm+", "vs_vllm"), ("sglang+", "vs_sglang")):
@@ -258,4 +284,8 @@ def hit_rate_table(results: Sequence[SimResult]) -> dict[str, Any]:
         if ratios:
             summary[f"mean_ratio_{key}"] = float(np.mean(ratios))
             summary[f"min_ratio_{key}"] = float(min(ratios))
+    best = [row["vs_best"]["marconi"] for row in rows if "marconi" in row.get("vs_best", {})]
+    if best:
+        summary["mean_ratio_vs_best"] = float(np.mean(best))
+        summary["min_ratio_vs_best"] = float(min(best))
     return summary

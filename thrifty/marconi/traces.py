@@ -52,6 +52,19 @@ class Request:
     input_tokens: list[int]
     output_tokens: list[int]
 
+    def __post_init__(self) -> None:
+        # Checked once here, so the cache (which sees these on every lookup)
+        # need not: a negative or float id would be cached as a token silently.
+        for name in ("input_tokens", "output_tokens"):
+            tokens = getattr(self, name)
+            if not isinstance(tokens, list):
+                raise TypeError(
+                    f"{name} must be a list of token ids (ints >= 0), got {type(tokens).__name__}"
+                )
+            for i, t in enumerate(tokens):
+                if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+                    raise ValueError(f"{name}[{i}]={t!r}: token ids must be ints >= 0")
+
     def to_json(self) -> dict[str, Any]:
         return {
             "session_id": self.session_id,
@@ -309,6 +322,30 @@ def synthetic_trace(
     in the given ranges; inter-turn gaps are exponential with mean
     ``think_time_s``.
     """
+    for name, count in (
+        ("num_sessions", num_sessions),
+        ("num_system_prompts", num_system_prompts),
+        ("vocab_size", vocab_size),
+    ):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {count!r}")
+    if not 0 <= agent_fraction <= 1:
+        raise ValueError(f"agent_fraction must be in [0, 1], got {agent_fraction!r}")
+    rates = (("sessions_per_second", sessions_per_second), ("think_time_s", think_time_s))
+    for name, rate in rates:
+        if not 0 < rate < math.inf:
+            raise ValueError(f"{name} must be a finite number > 0, got {rate!r}")
+    for name, (low, high) in (
+        ("chat_turns", chat_turns),
+        ("agent_turns", agent_turns),
+        ("user_tokens", user_tokens),
+        ("tool_tokens", tool_tokens),
+        ("output_tokens", output_tokens),
+    ):
+        if not 0 <= low <= high:
+            raise ValueError(
+                f"{name} must be a range (low, high) with 0 <= low <= high, got {(low, high)!r}"
+            )
     rng = random.Random(seed)
 
     def tokens(bounds: tuple[int, int]) -> list[int]:

@@ -16,7 +16,13 @@ evicts, so the bytes it planned for stay right.
 The tree does not decide anything; an eviction policy listening through
 :class:`TreeListener` keeps its own index of candidates, and the cache decides
 whom to touch, what to checkpoint and what to evict. Every mutation tells the
-listener which nodes changed, so the policy never rescans the tree.
+listener which nodes changed, so the policy never rescans the tree. A node has
+two timestamps: ``last_access`` (its KV was used) and ``state_access`` (its
+checkpoint was used); Marconi's policies read only the first, SGLang's keep
+the two on separate LRU lists. Attaching or removing a checkpoint also tells
+the listener about the nodes below, down to the next checkpoint on each branch:
+their distance to the nearest checkpoint above them (what a hit would replay)
+has changed.
 """
 
 from __future__ import annotations
@@ -45,6 +51,8 @@ class TreeNode:
     ``depth`` is the number of tokens from the root to the end of the edge, so
     the edge spans token positions ``[depth - len(edge), depth)`` and the
     checkpoint, if any, is the SSM state after ``depth`` tokens.
+    ``last_access`` is the clock when the edge's KV was last used,
+    ``state_access`` when the checkpoint was (stored or restored).
     """
 
     __slots__ = (
@@ -58,6 +66,7 @@ class TreeNode:
         "last_access",
         "parent",
         "pins",
+        "state_access",
         "version",
     )
 
@@ -79,6 +88,7 @@ class TreeNode:
         self.checkpoint = checkpoint
         self.depth = depth
         self.last_access = last_access
+        self.state_access = last_access
         self.pins = 0
         self.version = 0
         self.alive = True
@@ -216,6 +226,7 @@ class RadixTree:
         self.root = TreeNode(next(self._ids), None, [], None, None, 0, 0)
         self.clock = 0
         self.nbytes = 0
+        self.state_nbytes = 0
         self.num_nodes = 0
         self.num_checkpoints = 0
         self.listener = listener
@@ -313,6 +324,13 @@ class RadixTree:
                 node.last_access = self.clock
                 self._changed(node)
 
+    def touch_state(self, nodes: Sequence[TreeNode]) -> None:
+        """Stamp the checkpoints of ``nodes`` (those that hold one) with the current clock."""
+        for node in nodes:
+            if node.alive and node.checkpoint is not None and node.state_access != self.clock:
+                node.state_access = self.clock
+                self._changed(node)
+
     def pin(self, nodes: Sequence[TreeNode]) -> None:
         """Protect ``nodes`` from eviction and merging until :meth:`unpin`."""
         for node in nodes:
@@ -386,6 +404,7 @@ class RadixTree:
             )
             node.children[tokens[pos]] = leaf
             self.nbytes += leaf.nbytes
+            self.state_nbytes += leaf.checkpoint.nbytes
             self.num_nodes += 1
             self.num_checkpoints += 1
             new_nodes += 1
@@ -416,8 +435,10 @@ class RadixTree:
         freed = node.checkpoint.nbytes
         node.checkpoint = None
         self.nbytes -= freed
+        self.state_nbytes -= freed
         self.num_checkpoints -= 1
         self._changed(node)
+        self._changed_below(node)
         self._compact(node)
         return EvictResult("checkpoint", freed)
 
@@ -425,10 +446,21 @@ class RadixTree:
 
     def _attach(self, node: TreeNode, checkpoint: Checkpoint) -> None:
         node.checkpoint = checkpoint
-        node.last_access = self.clock
+        node.last_access = node.state_access = self.clock
         self.nbytes += checkpoint.nbytes
+        self.state_nbytes += checkpoint.nbytes
         self.num_checkpoints += 1
         self._changed(node)
+        self._changed_below(node)
+
+    def _changed_below(self, node: TreeNode) -> None:
+        """Tell the listener about the nodes whose nearest checkpoint above is ``node``'s place."""
+        stack = list(node.children.values())
+        while stack:
+            below = stack.pop()
+            self._changed(below)
+            if below.checkpoint is None:
+                stack.extend(below.children.values())
 
     def _split(self, node: TreeNode, k: int) -> TreeNode:
         """Cut ``node``'s edge after ``k`` tokens; returns the new upper node.
@@ -466,6 +498,7 @@ class RadixTree:
         self.num_nodes -= 1
         if node.checkpoint is not None:
             self.num_checkpoints -= 1
+            self.state_nbytes -= node.checkpoint.nbytes
         self._removed(node)
         if not parent.is_root:
             self._changed(parent)
@@ -513,9 +546,11 @@ class RadixTree:
                     else None
                 )
                 copy = TreeNode(child.id, new, child.edge, kv, ckpt, child.depth, child.last_access)
+                copy.state_access = child.state_access
                 new.children[key] = copy
                 stack.append((child, copy))
         twin.nbytes = self.nbytes
+        twin.state_nbytes = self.state_nbytes
         twin.num_nodes = self.num_nodes
         twin.num_checkpoints = self.num_checkpoints
         if listener is not None:
@@ -525,7 +560,7 @@ class RadixTree:
 
     def check_invariants(self) -> None:
         """Raise AssertionError if the tree's bookkeeping or shape is broken (tests)."""
-        total = nodes = ckpts = 0
+        total = nodes = ckpts = state = 0
         for node in self.nodes():
             parent = node.parent
             assert parent is not None and node.alive, f"{node!r}: detached or dead"
@@ -543,6 +578,8 @@ class RadixTree:
             total += node.nbytes
             nodes += 1
             ckpts += node.checkpoint is not None
+            state += node.checkpoint.nbytes if node.checkpoint is not None else 0
         assert total == self.nbytes, f"byte count {self.nbytes} != sum over nodes {total}"
+        assert state == self.state_nbytes, f"state bytes {self.state_nbytes} != sum {state}"
         assert nodes == self.num_nodes, f"node count {self.num_nodes} != {nodes}"
         assert ckpts == self.num_checkpoints, f"checkpoint count {self.num_checkpoints} != {ckpts}"

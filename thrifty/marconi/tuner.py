@@ -263,6 +263,8 @@ def _empty_like(cache: PrefixCache) -> PrefixCache:
         cache.admission,
         cache.eviction.fresh(),
         truncate_oversized=cache.truncate_oversized,
+        state_capacity_bytes=cache.state_capacity_bytes,
+        source=cache.source,
     )
 
 
