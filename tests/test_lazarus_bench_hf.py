@@ -1,7 +1,7 @@
 """`thrifty lazarus bench-hf` end to end at its smallest: real processes, real kill -9s.
 
 One recovery of each system (3 workers, a tiny Mixtral, the kill during step 5,
-checkpoints every 2 steps) and an 8-second goodput run of each with one
+checkpoints every 2 steps) and a 4-second goodput run of each with one
 failure; then the JSON and the plot are checked, not the numbers.
 """
 
@@ -21,7 +21,7 @@ pytest.importorskip("transformers")
 runner = CliRunner()
 
 SMALLEST = ["--workers", "3", "--repeats", "1", "--kill-at-step", "5", "--checkpoint-every", "2"]
-SMALLEST += ["--duration", "8", "--mtbf", "2", "--max-failures", "1", "--seed", "0"]
+SMALLEST += ["--duration", "4", "--mtbf", "1", "--max-failures", "1", "--seed", "0"]
 SMALLEST += ["--hidden", "32", "--experts", "4", "--seq", "32", "--batch", "2", "--vocab", "256"]
 
 
