@@ -1,23 +1,52 @@
-"""Vectorised bit packing of small unsigned codes into uint8 tensors.
+"""Bit packing of small unsigned codes into uint8 tensors, and streaming 1-bit kernels.
 
 Bits are packed most-significant first: element ``i`` of a 1-bit stream lands in
 byte ``i // 8`` at bit ``7 - i % 8``. A stream of ``n`` codes of ``b`` bits each
-takes ``ceil(n * b / 8)`` bytes; the tail of the last byte is zero. All work is
-done with shifts and sums over reshaped views, never a Python loop over elements,
-so it runs on any device.
+takes ``ceil(n * b / 8)`` bytes; the tail of the last byte is zero.
+
+Two implementations of the same format:
+
+* on CPU, NumPy's ``packbits``/``unpackbits`` (SIMD, one pass) over views of the
+  tensors' memory, and kernels that walk the input in chunks of
+  :data:`STREAM_CHUNK` elements so that every temporary stays in cache: one
+  pass over the input and one over the output, as close to memory bandwidth as a
+  ``torch.clone`` (issue 20);
+* on any other device, shifts and sums over reshaped views (no Python loop
+  over elements).
+
+Both give bit-identical results; ``tests/test_fast_kernels.py`` checks them
+against a plain reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
+import numpy as np
 import torch
 from torch import Tensor
 
 MAX_CODE_BITS = 16
 
+STREAM_CHUNK = 1 << 16
+"""Elements per chunk of the streaming CPU kernels: a multiple of 8 (chunks end on
+byte boundaries for every code width), and small enough that a chunk's float32
+temporaries (256 KiB each) stay in the L2 cache."""
+
 
 def packed_nbytes(n: int, bits_per_code: int = 1) -> int:
     """Bytes needed for ``n`` codes of ``bits_per_code`` bits."""
     return (n * bits_per_code + 7) // 8
+
+
+def stream_chunks(n: int) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of consecutive chunks of at most :data:`STREAM_CHUNK` elements."""
+    for start in range(0, n, STREAM_CHUNK):
+        yield start, min(start + STREAM_CHUNK, n)
+
+
+def _on_cpu(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
 
 
 def _byte_shifts(device: torch.device) -> Tensor:
@@ -27,6 +56,11 @@ def _byte_shifts(device: torch.device) -> Tensor:
 def pack_bits(bits: Tensor) -> Tensor:
     """Pack a flat bool/0-1 tensor of ``n`` entries into ``ceil(n / 8)`` uint8 bytes."""
     n = bits.numel()
+    if _on_cpu(bits):
+        flat = bits.reshape(-1)
+        if flat.dtype != torch.bool:
+            flat = flat != 0
+        return torch.from_numpy(np.packbits(flat.numpy()))
     padded = torch.zeros(packed_nbytes(n) * 8, dtype=torch.uint8, device=bits.device)
     padded[:n] = bits.reshape(-1)
     weighted = padded.view(-1, 8) << _byte_shifts(bits.device)
@@ -39,8 +73,58 @@ def unpack_bits(packed: Tensor, n: int) -> Tensor:
     ``packed`` may have leading batch dimensions ``(..., nbytes)``; the result
     then has shape ``(..., n)``.
     """
+    if _on_cpu(packed) and packed.dtype == torch.uint8:
+        array = np.ascontiguousarray(packed.numpy())
+        return torch.from_numpy(np.unpackbits(array, axis=-1, count=n)).view(torch.bool)
     bits = (packed.unsqueeze(-1) >> _byte_shifts(packed.device)) & 1
     return bits.reshape(*packed.shape[:-1], packed.shape[-1] * 8)[..., :n].bool()
+
+
+def pack_nonnegative(values: Tensor) -> Tensor:
+    """``pack_bits(values >= 0)`` for a flat tensor, without the ``numel``-byte mask.
+
+    On CPU the comparison runs chunk by chunk into one cached mask, each chunk
+    packed straight into the output: one read of ``values``.
+    """
+    if not _on_cpu(values):
+        return pack_bits(values >= 0)
+    n = values.numel()
+    out = np.empty(packed_nbytes(n), dtype=np.uint8)
+    mask = torch.empty(min(n, STREAM_CHUNK), dtype=torch.bool)
+    for start, end in stream_chunks(n):
+        chunk_mask = mask[: end - start]
+        torch.ge(values[start:end], 0, out=chunk_mask)
+        out[start // 8 : packed_nbytes(end)] = np.packbits(chunk_mask.numpy())
+    return torch.from_numpy(out)
+
+
+def expand_bits(packed: Tensor, n: int, low: Tensor | float, high: Tensor | float) -> Tensor:
+    """Flat float32 of ``n`` entries: ``high`` where the bit is set, ``low`` elsewhere.
+
+    Exactly ``torch.where(unpack_bits(packed, n), high, low)``. On CPU each chunk is
+    unpacked into cache and written once into the output as the float32 bit
+    patterns ``low ^ (mask & (low ^ high))``: integer operations, so the values are
+    ``low`` and ``high`` bit for bit.
+    """
+    low_t = torch.as_tensor(low, dtype=torch.float32).reshape(())
+    high_t = torch.as_tensor(high, dtype=torch.float32).reshape(())
+    if not _on_cpu(packed, low_t, high_t):
+        device = packed.device
+        return torch.where(unpack_bits(packed, n), high_t.to(device), low_t.to(device))
+    low_bits = int(low_t.view(torch.int32))
+    flip = low_bits ^ int(high_t.view(torch.int32))
+    out = torch.empty(n, dtype=torch.float32)
+    out_bits = out.view(torch.int32)
+    array = packed.numpy()
+    for start, end in stream_chunks(n):
+        ones = torch.from_numpy(
+            np.unpackbits(array[start // 8 : packed_nbytes(end)], count=end - start)
+        )
+        ones.neg_()  # 1 -> 0xFF, i.e. -1 as int8: sign-extends to an all-ones int32 mask
+        chunk = out_bits[start:end]
+        chunk.copy_(ones.view(torch.int8))
+        chunk.bitwise_and_(flip).bitwise_xor_(low_bits)
+    return out
 
 
 def pack_codes(codes: Tensor, bits_per_code: int) -> Tensor:

@@ -1,7 +1,12 @@
 """Stochastic quantizers: QSGD and TernGrad. Both are unbiased.
 
-Random rounding uses torch's default generator on the input's device, so
-``torch.manual_seed`` makes them reproducible.
+Random rounding is reproducible under ``torch.manual_seed``. On CPU each call
+draws one seed from torch's default generator and streams uniform numbers
+from a NumPy PCG64 generator seeded with it (torch's CPU generator, a
+Mersenne twister, costs ~3 clones of the input on its own); the uniforms are
+``j * 2**-24`` for a uniform 24-bit ``j``, the same grid as ``torch.rand``. On
+other devices ``torch.rand_like`` draws them. Either way the CPU kernels walk
+the input in cached chunks (see :mod:`thrifty.compressors.bitpacking`).
 """
 
 from __future__ import annotations
@@ -9,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Hashable
 from typing import ClassVar
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -20,12 +26,67 @@ from thrifty.compressors.base import (
     TensorSpec,
     as_float32,
 )
-from thrifty.compressors.bitpacking import pack_codes, packed_nbytes, unpack_codes
+from thrifty.compressors.bitpacking import (
+    STREAM_CHUNK,
+    pack_codes,
+    packed_nbytes,
+    stream_chunks,
+    unpack_codes,
+)
+
+UNIFORM_BITS = 24
+"""Resolution of the CPU uniforms: ``j * 2**-24``, as ``torch.rand`` for float32."""
+
+_NORM_SAFE_RANGE = (1e-14, 1e14)
+"""max|x| for which a float32 sum of squares neither overflows (numel < 2**31) nor
+loses more than rounding to subnormal squares."""
 
 
 def _safe_divisor(scale: Tensor) -> Tensor:
     """``scale`` where positive, else 1 (an all-zero tensor then quantises to zeros)."""
     return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _max_magnitude(values: Tensor) -> Tensor:
+    """``max |x|`` as a (1,) float32 tensor (0 when empty), by one reduction without temporaries."""
+    if values.numel() == 0:
+        return torch.zeros(1, dtype=torch.float32, device=values.device)
+    low, high = torch.aminmax(values)
+    return torch.maximum(-low, high).reshape(1)
+
+
+def _l2_norm(values: Tensor) -> Tensor:
+    """``||x||_2`` as a (1,) float32 tensor, safe from overflow and underflow.
+
+    A float32 sum of squares overflows for ``|x| > ~1e19`` and loses the squares
+    of ``|x| < ~1e-23``. The norm is taken in float32 directly when ``max |x|``
+    lies in :data:`_NORM_SAFE_RANGE` (two reductions, no temporary), else as
+    ``max|x| * ||x / max|x| ||``. Off the CPU always the latter: choosing would
+    need a host synchronisation.
+    """
+    top = _max_magnitude(values)
+    if values.device.type != "cpu":
+        return top * torch.linalg.vector_norm(values / _safe_divisor(top))
+    peak = float(top)
+    if peak == 0.0:
+        return top
+    low, high = _NORM_SAFE_RANGE
+    if low <= peak <= high:
+        return torch.linalg.vector_norm(values).reshape(1)
+    return (top * torch.linalg.vector_norm(values / top)).reshape(1)
+
+
+def _uniform_stream() -> np.random.Generator:
+    """A PCG64 generator seeded by one draw from torch's default CPU generator."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    return np.random.Generator(np.random.PCG64(seed))
+
+
+def _uniform_chunk(stream: np.random.Generator, size: int) -> Tensor:
+    """``size`` uniform 24-bit integers ``j`` (the uniform is ``j * 2**-24``) as int32."""
+    raw = stream.bit_generator.random_raw((size + 1) // 2)
+    words = torch.from_numpy(raw.view(np.int32)[:size])
+    return words.bitwise_and_((1 << UNIFORM_BITS) - 1)
 
 
 class QSGD(Compressor):
@@ -75,20 +136,59 @@ class QSGD(Compressor):
 
     def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
         values = as_float32(flat)
-        # Accumulated in float64: in float32 the squares of |x| > ~1e19 overflow (NaN
-        # out) and those of |x| < ~1e-23 underflow (norm 0: everything sent as 0).
-        norm = torch.linalg.vector_norm(values, dtype=torch.float64).to(torch.float32).reshape(1)
-        scaled = values.abs() / _safe_divisor(norm) * self.levels
-        lower = scaled.floor()
-        level = lower + (torch.rand_like(scaled) < scaled - lower).to(scaled.dtype)
-        level = level.clamp_(max=self.levels).to(torch.int32)
-        signed = torch.where(values < 0, -level, level)
-        return pack_codes(signed + self.levels, self.code_bits), norm
+        norm = _l2_norm(values)
+        if values.device.type != "cpu":
+            scaled = values.abs() / _safe_divisor(norm) * self.levels
+            lower = scaled.floor()
+            level = lower + (torch.rand_like(scaled) < scaled - lower).to(scaled.dtype)
+            level = level.clamp_(max=self.levels).to(torch.int32)
+            signed = torch.where(values < 0, -level, level)
+            return pack_codes(signed + self.levels, self.code_bits), norm
+        return self._compress_cpu(values, _safe_divisor(norm)), norm
+
+    def _compress_cpu(self, values: Tensor, divisor: Tensor) -> Tensor:
+        """The CPU kernel: per cached chunk, the same rounding as the device path."""
+        numel, bits = values.numel(), self.code_bits
+        out = torch.empty(packed_nbytes(numel, bits), dtype=torch.uint8)
+        stream = _uniform_stream()
+        size = min(numel, STREAM_CHUNK)
+        scaled, level = torch.empty(size), torch.empty(size)
+        up = torch.empty(size, dtype=torch.bool)
+        for start, end in stream_chunks(numel):
+            m = end - start
+            chunk, s, lv, u = values[start:end], scaled[:m], level[:m], up[:m]
+            torch.abs(chunk, out=s).div_(divisor).mul_(self.levels)
+            torch.floor(s, out=lv)
+            # rand < scaled - lower, with rand = j * 2**-24: j < (scaled - lower) * 2**24.
+            s.sub_(lv).mul_(float(1 << UNIFORM_BITS))
+            torch.lt(_uniform_chunk(stream, m), s, out=u)
+            lv.add_(u).clamp_(max=self.levels)
+            torch.copysign(lv, chunk, out=lv).add_(self.levels)  # -0 (from x = -0) is 0
+            first, last = start * bits // 8, packed_nbytes(end, bits)
+            if bits == 8:
+                out[first:last].copy_(lv)
+            else:
+                out[first:last] = pack_codes(lv.to(torch.int32), bits)
+        return out
 
     def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
         packed, norm = payload
-        signed = unpack_codes(packed, numel, self.code_bits) - self.levels
-        return signed.to(torch.float32) * (norm / self.levels)
+        step = norm / self.levels
+        if packed.device.type != "cpu":
+            signed = unpack_codes(packed, numel, self.code_bits) - self.levels
+            return signed.to(torch.float32) * step
+        bits = self.code_bits
+        out = torch.empty(numel, dtype=torch.float32)
+        for start, end in stream_chunks(numel):
+            first, last = start * bits // 8, packed_nbytes(end, bits)
+            codes = (
+                packed[first:last]
+                if bits == 8
+                else unpack_codes(packed[first:last], end - start, bits)
+            )
+            # (code - s) is exact in float32, then one product: as the device path.
+            out[start:end].copy_(codes).sub_(self.levels).mul_(step)
+        return out
 
 
 class TernGrad(Compressor):
@@ -139,20 +239,63 @@ class TernGrad(Compressor):
 
     @staticmethod
     def _max_magnitude(values: Tensor) -> Tensor:
-        if values.numel() == 0:
-            return torch.zeros(1, dtype=torch.float32, device=values.device)
-        return values.abs().amax().reshape(1)
+        return _max_magnitude(values)
 
     def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
         values = as_float32(flat)
-        scale = self._max_magnitude(values)
-        ternary = self._ternarize(values, scale)
-        return pack_codes(ternary.to(torch.int32) + 1, self.code_bits), scale
+        scale = _max_magnitude(values)
+        if values.device.type != "cpu":
+            ternary = self._ternarize(values, scale)
+            return pack_codes(ternary.to(torch.int32) + 1, self.code_bits), scale
+        return self._compress_cpu(values, _safe_divisor(scale)), scale
+
+    @staticmethod
+    def _compress_cpu(values: Tensor, divisor: Tensor) -> Tensor:
+        """The CPU kernel: per cached chunk, the code ``t + 1`` as two bit planes.
+
+        Code 2 (``t = +1``) is bits ``10``, 1 (``t = 0``) ``01``, 0 (``t = -1``)
+        ``00``: the high bit is "kept and positive", the low bit "dropped", and
+        ``np.packbits`` of the interleaved planes is the 2-bit packing.
+        """
+        numel = values.numel()
+        out = np.empty(packed_nbytes(numel, 2), dtype=np.uint8)
+        stream = _uniform_stream()
+        size = min(numel, STREAM_CHUNK)
+        threshold, magnitude = torch.empty(size), torch.empty(size)
+        keep = torch.empty(size, dtype=torch.bool)
+        planes = torch.empty(size, 2, dtype=torch.bool)
+        for start, end in stream_chunks(numel):
+            m = end - start
+            chunk, t, a, k, p = (
+                values[start:end],
+                threshold[:m],
+                magnitude[:m],
+                keep[:m],
+                planes[:m],
+            )
+            # rand * s < |x| with rand = j * 2**-24, rounded as the device path rounds it.
+            t.copy_(_uniform_chunk(stream, m)).mul_(2.0**-UNIFORM_BITS).mul_(divisor)
+            torch.lt(t, torch.abs(chunk, out=a), out=k)
+            torch.logical_and(k, torch.gt(chunk, 0, out=p[:, 0]), out=p[:, 0])
+            torch.logical_not(k, out=p[:, 1])
+            out[start // 4 : packed_nbytes(end, 2)] = np.packbits(p.numpy())
+        return torch.from_numpy(out)
 
     def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
         packed, scale = payload
-        ternary = unpack_codes(packed, numel, self.code_bits) - 1
-        return ternary.to(torch.float32) * scale
+        if packed.device.type != "cpu":
+            ternary = unpack_codes(packed, numel, self.code_bits) - 1
+            return ternary.to(torch.float32) * scale
+        out = torch.empty(numel, dtype=torch.float32)
+        array = packed.numpy()
+        for start, end in stream_chunks(numel):
+            planes = np.unpackbits(
+                array[start // 4 : packed_nbytes(end, 2)], count=2 * (end - start)
+            )
+            codes = torch.from_numpy(planes).view(-1, 2)
+            # code = 2 * high + low, then (code - 1) * s: exact integers, one product.
+            out[start:end].copy_(codes[:, 0]).mul_(2.0).add_(codes[:, 1]).sub_(1.0).mul_(scale)
+        return out
 
     def _allreduce_rounds(self, flat: Tensor, key: Hashable) -> AllreduceRounds:
         values = as_float32(flat)

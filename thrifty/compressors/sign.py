@@ -30,7 +30,14 @@ from thrifty.compressors.base import (
     as_float32,
     key_name,
 )
-from thrifty.compressors.bitpacking import pack_bits, packed_nbytes, unpack_bits
+from thrifty.compressors.bitpacking import (
+    STREAM_CHUNK,
+    expand_bits,
+    pack_nonnegative,
+    packed_nbytes,
+    stream_chunks,
+    unpack_bits,
+)
 
 
 def _signs_from_bits(bits: Tensor) -> Tensor:
@@ -69,10 +76,10 @@ class SignSGD(Compressor):
         return flat
 
     def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
-        return (pack_bits(self._signal(flat, key) >= 0),)
+        return (pack_nonnegative(self._signal(flat, key)),)
 
     def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
-        return _signs_from_bits(unpack_bits(payload[0], numel))
+        return expand_bits(payload[0], numel, -1.0, 1.0)
 
     def _aggregate(self, payloads: list[tuple[Tensor, ...]], numel: int, key: Hashable) -> Tensor:
         if not payloads:
@@ -97,6 +104,10 @@ class Signum(SignSGD):
     device) and sends ``sign(m)``: one bit per element, ``ceil(numel / 8)``
     bytes, majority vote as :class:`SignSGD`. The momentum replaces the
     optimizer's, so pair it with plain SGD.
+
+    The momentum is updated in place (on CPU chunk by chunk, fused with the sign
+    packing: one pass over memory); :meth:`export_state` returns a copy, so a
+    saved state dict never changes under a later step.
 
     Args:
         momentum: ``beta`` in [0, 1); 0 makes it signSGD.
@@ -126,7 +137,14 @@ class Signum(SignSGD):
                 f"{values.numel()}; call reset_state({key!r}) first"
             )
         else:
-            momentum = self.momentum * previous + (1.0 - self.momentum) * values
+            # In place, rounded as beta * m + (1 - beta) * x: each product, then the sum.
+            scratch = torch.empty(min(values.numel(), STREAM_CHUNK), device=values.device)
+            for start, end in stream_chunks(values.numel()):
+                fresh = torch.mul(
+                    values[start:end], 1.0 - self.momentum, out=scratch[: end - start]
+                )
+                previous[start:end].mul_(self.momentum).add_(fresh)
+            momentum = previous
         self._momenta[key] = momentum
         return momentum
 
@@ -134,7 +152,7 @@ class Signum(SignSGD):
         return list(self._momenta)
 
     def export_state(self, key: Hashable = None) -> dict[str, Tensor]:
-        return {"momentum": self._momenta[key]} if key in self._momenta else {}
+        return {"momentum": self._momenta[key].clone()} if key in self._momenta else {}
 
     def import_state(self, key: Hashable, state: dict[str, Tensor]) -> None:
         if "momentum" in state:
@@ -175,12 +193,15 @@ class EFSignSGD(Compressor):
 
     def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
         values = as_float32(flat)
-        scale = values.abs().sum().reshape(1) / max(values.numel(), 1)
-        return pack_bits(values >= 0), scale
+        # The L1 norm is one reduction; abs().sum() would write a numel-sized temporary.
+        l1 = torch.linalg.vector_norm(values, ord=1) if values.numel() else values.new_zeros(())
+        scale = l1.reshape(1) / max(values.numel(), 1)
+        return pack_nonnegative(values), scale
 
     def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
         packed, scale = payload
-        return _signs_from_bits(unpack_bits(packed, numel)) * scale
+        # (+-1.0) * scale is exactly +-scale: the same values as the sign times the scale.
+        return expand_bits(packed, numel, -scale, scale)
 
 
 class OneBit(Compressor):
@@ -209,16 +230,21 @@ class OneBit(Compressor):
 
     def _compress(self, flat: Tensor, key: Hashable) -> tuple[Tensor, ...]:
         values = as_float32(flat)
-        positive = values >= 0
-        count_pos = positive.sum()
+        packed = pack_nonnegative(values)
+        # Two reductions over clamped chunks (cached temporaries), never a full-size mask.
+        count_pos = 0
+        sum_pos = values.new_zeros((), dtype=torch.float64)
+        sum_neg = values.new_zeros((), dtype=torch.float64)
+        scratch = torch.empty(min(values.numel(), STREAM_CHUNK), device=values.device)
+        for start, end in stream_chunks(values.numel()):
+            chunk, side = values[start:end], scratch[: end - start]
+            count_pos += int(torch.count_nonzero(torch.ge(chunk, 0)))
+            sum_pos += torch.clamp(chunk, min=0.0, out=side).sum(dtype=torch.float64)
+            sum_neg += torch.clamp(chunk, max=0.0, out=side).sum(dtype=torch.float64)
         count_neg = values.numel() - count_pos
-        sum_pos = torch.where(positive, values, 0.0).sum()
-        sum_neg = torch.where(positive, 0.0, values).sum()
-        means = torch.stack(
-            [sum_neg / count_neg.clamp(min=1), sum_pos / count_pos.clamp(min=1)]
-        ).to(torch.float32)
-        return pack_bits(positive), means
+        means = torch.stack([sum_neg / max(count_neg, 1), sum_pos / max(count_pos, 1)])
+        return packed, means.to(torch.float32)
 
     def _decompress(self, payload: tuple[Tensor, ...], numel: int, key: Hashable) -> Tensor:
         packed, means = payload
-        return torch.where(unpack_bits(packed, numel), means[1], means[0])
+        return expand_bits(packed, numel, means[0], means[1])
