@@ -102,7 +102,14 @@ class _OnlyTheHandle:
     may read only the handle's documented fields before calling ``finish``."""
 
     FIELDS = frozenset(
-        {"hit_length", "hit_kv", "hit_checkpoint", "prefill_positions", "output_positions"}
+        {
+            "hit_length",
+            "hit_kv",
+            "hit_checkpoint",
+            "prefill_positions",
+            "output_positions",
+            "logits_positions",
+        }
     )
 
     def __init__(self, cache) -> None:

@@ -10,8 +10,16 @@ from rich.table import Table
 
 from thrifty.bench.results import results_dir
 from thrifty.cli.params import console, float_list, str_list
-from thrifty.marconi import POLICIES, Trace, TraceFormatError, load_trace, write_jsonl
+from thrifty.marconi import (
+    POLICIES,
+    Trace,
+    TraceFormatError,
+    load_trace,
+    with_resends,
+    write_jsonl,
+)
 from thrifty.marconi.benchmark import (
+    ZERO_PREFILL,
     check_fits_vocabulary,
     engine_spec,
     load_ttft_model,
@@ -20,6 +28,7 @@ from thrifty.marconi.benchmark import (
 )
 from thrifty.marconi.engine import ARCHITECTURES
 from thrifty.marconi.sharegpt import MESSAGE_FORMATS, TRACE_SOURCES
+from thrifty.marconi.simulate import FULL_HITS
 from thrifty.marconi.tuner import TUNERS
 
 app = typer.Typer(help="Marconi: prefix caching for hybrid (attention + SSM) LLMs.")
@@ -48,6 +57,17 @@ def _trace(path: str, source: str, sessions: int, hint: str, **options: Any) -> 
         raise typer.BadParameter(str(exc), param_hint="'--trace'") from exc
     except ValueError as exc:  # documented: no session of the slice qualifies
         raise typer.BadParameter(str(exc), param_hint=hint) from exc
+
+
+def _resend(trace: Trace, rate: float) -> Trace:
+    """``trace`` with resends (:func:`thrifty.marconi.with_resends`) when ``rate`` > 0."""
+    return with_resends(trace, rate) if rate > 0 else trace
+
+
+RESEND_HELP = (
+    "Probability that a request is followed by one whose input is its input + output "
+    "(a continue / agent-loop resend: the only inputs a zero-prefill hit can serve)."
+)
 
 
 def _policies(text: str) -> list[str]:
@@ -170,6 +190,29 @@ def marconi_ratio_table(payload: dict[str, Any]) -> Table:
     return table
 
 
+def marconi_full_hit_table(payload: dict[str, Any]) -> Table:
+    """Per policy and size: requests that hit their whole input, and bytes held at the end."""
+    table = Table(
+        title=f"whole-input hits ({payload['full_hits']}): requests | final MB (of which logits MB)"
+    )
+    table.add_column("GB", justify="right")
+    for policy in payload["policies"]:
+        table.add_column(policy, justify="right")
+    by = {(r["policy"], r["capacity_gb"]): r for r in payload["results"]}
+    for gb in payload["capacities_gb"]:
+        cells = []
+        for policy in payload["policies"]:
+            r = by.get((policy, gb))
+            cells.append(
+                "-"
+                if r is None
+                else f"{r['full_hit_requests']} | {r['final_bytes'] / 1e6:,.0f} "
+                f"({r['final_logits_bytes'] / 1e6:,.1f})"
+            )
+        table.add_row(f"{gb:g}", *cells)
+    return table
+
+
 @app.command("simulate")
 def marconi_simulate(
     trace: Annotated[str, typer.Option(help="A JSONL trace; default: --source.")] = "",
@@ -203,9 +246,23 @@ def marconi_simulate(
         ),
     ] = "auto",
     name: Annotated[str, typer.Option(help="Results file stem.")] = "marconi_sweep",
+    full_hits: Annotated[
+        str,
+        typer.Option(
+            help="A request whose whole input is cached: free (counted as a hit, the paper's "
+            "simulator), recompute (an engine without stored logits: back to the checkpoint "
+            "before), logits (zero-prefill hits: logits stored beside sequence-end "
+            "checkpoints, charged at vocab x dtype bytes)."
+        ),
+    ] = "free",
+    resend_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help=RESEND_HELP)] = 0.0,
 ) -> None:
     """Replay a trace for every policy x cache size (the paper's 7B hybrid, sizes only)."""
     chosen = _policies(policies)
+    if full_hits not in FULL_HITS:
+        raise typer.BadParameter(
+            f"expected one of {FULL_HITS}, got {full_hits!r}", param_hint="'--full-hits'"
+        )
     capacities = _sizes(sizes_gb, "'--sizes-gb'")
     if tuner not in TUNERS:
         raise typer.BadParameter(f"expected one of {TUNERS}, got {tuner!r}", param_hint="'--tuner'")
@@ -215,6 +272,7 @@ def marconi_simulate(
         raise typer.BadParameter(str(exc), param_hint="'--ttft'") from exc
     hint = "'--sessions', '--skip-sessions'"
     the_trace = _trace(trace, source, sessions, hint, skip_sessions=skip_sessions)
+    the_trace = _resend(the_trace, resend_rate)
     payload = run_sweep(
         the_trace,
         policies=chosen,
@@ -224,9 +282,12 @@ def marconi_simulate(
         tuner=None if tuner == "none" else tuner,
         alpha=alpha,
         name=name,
+        full_hits=full_hits,
     )
     wide = Console(width=max(console.width, 160))
     wide.print(marconi_sweep_table(payload))
+    if full_hits != "free":
+        wide.print(marconi_full_hit_table(payload))
     wide.print(marconi_ratio_table(payload))
     for goal, result in payload["goals"].items():
         detail = {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
@@ -261,6 +322,7 @@ def marconi_serve_table(payload: dict[str, Any]) -> Table:
         "P95 ms",
         "modelled mean",
         "pieces>1",
+        "zero-prefill",
         "evictions",
     )
     for column in columns:
@@ -275,6 +337,7 @@ def marconi_serve_table(payload: dict[str, Any]) -> Table:
             f"{r['ttft_p95_ms']:.0f}",
             f"{r['modelled_ttft_mean_ms']:.0f}",
             str(r["multi_piece_prefills"]),
+            str(r.get("zero_prefill_hits", 0)),
             str(r.get("evictions", "-")),
         )
     return table
@@ -300,9 +363,22 @@ def marconi_serve_trace(
     repeats: Annotated[int, typer.Option(min=1, help="Timings per request (fastest kept).")] = 3,
     threads: Annotated[int, typer.Option(min=1, help="torch threads.")] = 1,
     name: Annotated[str, typer.Option(help="Results file stem.")] = "marconi_serve",
+    zero_prefill_hits: Annotated[
+        str,
+        typer.Option(
+            help="off, on (caches store logits for zero-prefill hits), or both (each "
+            "policy x budget twice; the second is labelled <policy>/zp)."
+        ),
+    ] = "off",
+    resend_rate: Annotated[float, typer.Option(min=0.0, max=1.0, help=RESEND_HELP)] = 0.0,
 ) -> None:
     """Serve a ShareGPT slice through a tiny hybrid model per policy; measure TTFT."""
     chosen = _policies(policies)
+    if zero_prefill_hits not in ZERO_PREFILL:
+        raise typer.BadParameter(
+            f"expected one of {ZERO_PREFILL}, got {zero_prefill_hits!r}",
+            param_hint="'--zero-prefill-hits'",
+        )
     budgets = _sizes(budgets_mb, "'--budgets-mb'")
     if arch not in ARCHITECTURES:
         raise typer.BadParameter(
@@ -320,6 +396,7 @@ def marconi_serve_trace(
         raise typer.BadParameter(str(exc), param_hint="'--hidden-size', '--layers'") from exc
     hint = "'--sessions', '--max-input-tokens'"
     the_trace = _trace(trace, "sharegpt", sessions, hint, max_input_tokens=max_input_tokens)
+    the_trace = _resend(the_trace, resend_rate)
     try:
         check_fits_vocabulary(the_trace, vocab_size)
     except ValueError as exc:
@@ -332,6 +409,7 @@ def marconi_serve_trace(
         threads=threads,
         name=name,
         model_options=model_options,
+        zero_prefill=zero_prefill_hits,
     )
     Console(width=max(console.width, 140)).print(marconi_serve_table(payload))
     goal = payload["goals"]["marconi_mean_ttft_lowest"]

@@ -50,6 +50,7 @@ from thrifty.marconi.traces import (
     TraceFormatError,
     read_jsonl,
     synthetic_trace,
+    with_resends,
     write_jsonl,
 )
 
@@ -76,5 +77,6 @@ __all__ = [
     "simulate",
     "sweep",
     "synthetic_trace",
+    "with_resends",
     "write_jsonl",
 ]

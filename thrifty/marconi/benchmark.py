@@ -54,6 +54,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MB = 10**6
+ZERO_PREFILL = ("off", "on", "both")
 # The engine benchmark's model: NemotronH (the fastest reference kernels on
 # CPU), 8 layers (2 attention, 3 Mamba2, 3 MLP), width 128, cl100k vocabulary.
 # One checkpoint (215 KB) weighs as much as the KV of 210 tokens; the
@@ -128,8 +129,13 @@ def run_sweep(
     alpha: float | None = None,
     name: str = "marconi_sweep",
     progress: bool = True,
+    full_hits: str = "free",
 ) -> dict[str, Any]:
-    """Sweep policies x sizes; write ``results/<name>.json`` and ``.png``."""
+    """Sweep policies x sizes; write ``results/<name>.json`` and ``.png``.
+
+    ``full_hits`` (``"free"``, ``"recompute"``, ``"logits"``): how a request
+    whose whole input is cached is served (see :mod:`thrifty.marconi.simulate`).
+    """
     spec = spec or paper_hybrid_7b()
     ttft_model, ttft_source = load_ttft_model(ttft)
     started = time.perf_counter()
@@ -144,6 +150,7 @@ def run_sweep(
         ttft=ttft_model,
         tuner=tuner,
         alpha=alpha,
+        full_hits=full_hits,
     )
     wall = time.perf_counter() - started
     cpu = _cpu_seconds() - cpu_before
@@ -155,6 +162,7 @@ def run_sweep(
         "capacities_gb": list(capacities_gb),
         "tuner": "fixed alpha" if alpha is not None else tuner,
         "alpha": alpha,
+        "full_hits": full_hits,
         "ttft_model": {
             "intercept_ms": ttft_model.intercept_ms,
             "per_token_ms": ttft_model.per_token_ms,
@@ -277,6 +285,7 @@ def run_serve_trace(
     name: str = "marconi_serve",
     progress: bool = True,
     on_request: Callable[[int, int], None] | None = None,
+    zero_prefill: str = "off",
 ) -> dict[str, Any]:
     """Measure real TTFT per request for each policy x budget and without a cache.
 
@@ -291,7 +300,13 @@ def run_serve_trace(
         tuner: Marconi's alpha tuner (as the simulator's default).
         name: results file stem.
         on_request: called with (done, total) after each request (progress).
+        zero_prefill: ``"off"`` (caches as the paper), ``"on"`` (every cache
+            stores logits for zero-prefill hits, ``store_logits``) or
+            ``"both"`` (each policy x budget twice, the second labelled
+            ``<policy>/zp``, served in the same lockstep).
     """
+    if zero_prefill not in ZERO_PREFILL:
+        raise ValueError(f"zero_prefill must be one of {ZERO_PREFILL}, got {zero_prefill!r}")
     import transformers  # optional: [marconi]
 
     transformers.logging.set_verbosity_error()  # the reference-kernel fallback notices
@@ -306,11 +321,16 @@ def run_serve_trace(
         spec = ModelSpec.from_hf_config(model.config, dtype="float32")
         build_s = time.perf_counter() - built
         engines: dict[str, HybridEngine] = {"none": HybridEngine(model)}
+        variants = {"off": [False], "on": [True], "both": [False, True]}[zero_prefill]
         for mb in capacities_mb:
             for policy in policies:
-                tuned = make_tuner(tuner) if policy == "marconi" else None
-                cache = build_cache(policy, round(mb * MB), spec, tuner=tuned)
-                engines[f"{policy}@{mb:g}MB"] = HybridEngine(model, cache)
+                for store_logits in variants:
+                    tuned = make_tuner(tuner) if policy == "marconi" else None
+                    cache = build_cache(
+                        policy, round(mb * MB), spec, tuner=tuned, store_logits=store_logits
+                    )
+                    label = f"{policy}{'/zp' if zero_prefill == 'both' and store_logits else ''}"
+                    engines[f"{label}@{mb:g}MB"] = HybridEngine(model, cache)
         if engines["none"].checkpoint_nbytes != spec.checkpoint_bytes:
             raise RuntimeError(
                 f"byte model says {spec.checkpoint_bytes} B per checkpoint, the model's "
@@ -382,6 +402,7 @@ def run_serve_trace(
             "modelled_ttft_mean_ms": float(np.mean(modelled)),
             "modelled_ttft_p95_ms": _percentile(modelled, 95),
             "multi_piece_prefills": sum(rec["prefill_pieces"] > 1 for rec in recs),
+            "zero_prefill_hits": sum(rec["prefill_tokens"] == 0 for rec in recs),
             "first_token_mismatches": mismatched[label],
         }
         if engine.cache is not None:
@@ -403,6 +424,7 @@ def run_serve_trace(
         "policies": list(policies),
         "repeats": repeats,
         "threads": threads,
+        "zero_prefill": zero_prefill,
         "serve_s": serve_s,
         "rows": rows,
         "ttft_fit": {

@@ -18,6 +18,17 @@ One request goes through it in two calls, so an engine can prefill in between
    request whose path cannot fit at all is not admitted, or truncated if
    asked).
 
+Zero-prefill hits (``store_logits``, not in the paper). A hit needs the SSM
+state *after* its last token, and an engine also needs that token's logits for
+the first output token, so without them a request whose whole input is cached
+falls back to the checkpoint before and runs the last stretch again. With
+``store_logits`` the logits of the last token are stored beside each new
+checkpoint that ends the request's input or its input + output (the engine
+has them there anyway: prefill and the last fed token end there), charged at
+their real bytes; a later input that ends exactly there (a retry, a
+regenerate, a tool loop that resends input + output) prefills nothing
+(:attr:`CacheRequest.hit_length` = the whole input).
+
 The simulator (:meth:`PrefixCache.serve`) and the engine
 (:class:`~thrifty.marconi.engine.HybridEngine`) both go through these two
 calls; only the states differ (sizes vs tensors). :func:`build_cache` builds
@@ -113,6 +124,8 @@ class CacheStats:
     checkpoint_evictions: int = 0
     truncated: int = 0
     rejected: int = 0
+    full_hits: int = 0
+    """Requests whose hit covered the whole input (they prefilled nothing)."""
 
     @property
     def evictions(self) -> int:
@@ -135,6 +148,10 @@ class CacheRequest:
         positions: positions beyond the hit whose SSM states the request should
             store (1-based token counts into input + output), from the
             admission policy.
+
+    A hit covering the whole input (``hit_length == len(input_tokens)``, only
+    with the cache's ``store_logits``) holds the last input token's logits in
+    ``hit_checkpoint``: the engine prefills nothing.
     """
 
     cache: PrefixCache
@@ -180,6 +197,13 @@ class CacheRequest:
         n_in = len(self.input_tokens)
         return tuple(p for p in self.positions if p > n_in)
 
+    @property
+    def logits_positions(self) -> tuple[int, ...]:
+        """Positions among those captured whose last token's logits to store beside
+        the state (with the cache's ``store_logits``: the input's end and the
+        sequence's end; empty otherwise)."""
+        return self.cache._logits_positions(self.positions, len(self.input_tokens), self.num_output)
+
     def finish(
         self, output_tokens: Sequence[int], source: StateSource | None = None
     ) -> RequestOutcome:
@@ -196,10 +220,13 @@ class CacheRequest:
             raise RuntimeError("finish() was already called for this request")
         self._finished = True
         output = token_list(output_tokens, "output_tokens")
+        cache, n_in = self.cache, len(self.input_tokens)
         positions = self.positions
         if len(output) != self.num_output:
-            positions = self.cache._positions(self.match, len(self.input_tokens), len(output))
-        admitted = self.cache.admit(self.input_tokens + output, positions, source)
+            positions = cache._positions(self.match, n_in, len(output))
+        if source is None and cache.store_logits:
+            source = cache.source.with_logits(cache._logits_positions(positions, n_in, len(output)))
+        admitted = cache.admit(self.input_tokens + output, positions, source)
         return self.cache._record(self.input_tokens, output, self.match, admitted)
 
 
@@ -223,15 +250,28 @@ class PrefixCache:
             ``eviction.select_victim``). Default: one shared budget.
         source: the size-only states the simulator stores (default
             ``spec.source()``; vLLM charges its padded state pages).
+        store_logits: store the last token's logits beside each new checkpoint
+            at a request's input end or sequence end, charged at
+            ``spec.logits_bytes`` in the simulator (the tensor's bytes in an
+            engine), so that a later input ending there prefills nothing (see
+            the module docstring). Off by default: the paper's systems do not.
+        need_logits: :meth:`serve` (the simulator) models an engine, which
+            must have the last input token's logits: a hit covering the whole
+            input is taken only at a checkpoint that stores them, else it falls
+            back to the checkpoint before (an engine passes
+            ``begin(..., need_logits=True)`` itself). Off by default: the
+            paper's simulator counts every whole-input match as a hit.
 
     Example (an engine; ``TensorSource`` is the engine's :class:`StateSource`)::
 
-        request = cache.begin(input_ids, max_new_tokens, max_hit=len(input_ids) - 1)
+        request = cache.begin(input_ids, max_new_tokens, need_logits=True)
         kv_segments = request.hit_kv  # concatenate per layer
         ssm = request.hit_checkpoint  # None on a miss
         # prefill input_ids[request.hit_length:] in pieces that end at each of
-        # request.prefill_positions, capturing the SSM state there; decode,
-        # capturing at request.output_positions; then:
+        # request.prefill_positions, capturing the SSM state there (nothing
+        # when the hit is the whole input: the first token comes from
+        # ssm.logits); decode, capturing at request.output_positions; keep the
+        # logits beside the states at request.logits_positions; then:
         outcome = request.finish(output_ids, TensorSource(...))
     """
 
@@ -247,6 +287,8 @@ class PrefixCache:
         truncate_oversized: bool = False,
         state_capacity_bytes: int | None = None,
         source: StateSource | None = None,
+        store_logits: bool = False,
+        need_logits: bool = False,
     ) -> None:
         if isinstance(capacity_bytes, bool) or not isinstance(capacity_bytes, numbers.Real):
             raise TypeError(
@@ -295,26 +337,46 @@ class PrefixCache:
         self.tree = RadixTree()
         eviction.attach(self.tree)
         self.source = source if source is not None else spec.source()
+        if store_logits and (
+            not isinstance(self.source, SizedSource) or self.source.logits_bytes <= 0
+        ):
+            raise ValueError(
+                f"store_logits needs the size of one position's logits, but the state source "
+                f"{self.source!r} has none: build the spec with logits_bytes "
+                "(ModelSpec.from_hf_config sets vocab_size x dtype bytes)"
+            )
+        self.store_logits = bool(store_logits)
+        self.need_logits = bool(need_logits)
         self.truncate_oversized = truncate_oversized
         self.stats = CacheStats()
 
     # ------------------------------------------------------------------ one request
 
     def begin(
-        self, input_tokens: Sequence[int], num_output: int, *, max_hit: int | None = None
+        self,
+        input_tokens: Sequence[int],
+        num_output: int,
+        *,
+        max_hit: int | None = None,
+        need_logits: bool | None = None,
     ) -> CacheRequest:
         """Match a request's input and plan its checkpoints; see :class:`CacheRequest`.
 
         Args:
             input_tokens: the input.
             num_output: output tokens the request will produce.
-            max_hit: ignore checkpoints deeper than this (an engine that must
-                run the last input token for its logits passes ``len - 1``).
+            max_hit: ignore checkpoints deeper than this.
+            need_logits: the caller takes the first output token from the last
+                input token's logits (an engine): a hit covers the whole input
+                only at a checkpoint that stores them (``store_logits``), else
+                it stops at the checkpoint before. Default: the cache's
+                ``need_logits``.
         """
         if num_output < 0:
             raise ValueError(f"num_output must be >= 0, got {num_output}")
         tokens = token_list(input_tokens, "input_tokens")
-        match = self.lookup(tokens, max_hit)
+        need = self.need_logits if need_logits is None else need_logits
+        match = self.lookup(tokens, max_hit, need_logits=need)
         positions = tuple(self._positions(match, len(tokens), num_output))
         return CacheRequest(self, tokens, num_output, match, positions)
 
@@ -325,9 +387,25 @@ class PrefixCache:
 
     # ------------------------------------------------------------------ steps
 
-    def lookup(self, input_tokens: Sequence[int], max_hit: int | None = None) -> MatchResult:
-        """Match ``input_tokens`` and touch what the hit used (per the eviction policy)."""
-        match = self.tree.match_prefix(token_list(input_tokens, "input_tokens"), max_hit)
+    def lookup(
+        self,
+        input_tokens: Sequence[int],
+        max_hit: int | None = None,
+        *,
+        need_logits: bool = False,
+    ) -> MatchResult:
+        """Match ``input_tokens`` and touch what the hit used (per the eviction policy).
+
+        ``need_logits``: see :meth:`begin`.
+        """
+        tokens = token_list(input_tokens, "input_tokens")
+        n = len(tokens)
+        if need_logits and not self.store_logits:
+            max_hit = n - 1 if max_hit is None else min(max_hit, n - 1)
+        match = self.tree.match_prefix(tokens, max_hit)
+        full = n > 0 and match.hit_length == n
+        if need_logits and full and not match.hit_node.checkpoint.logits_nbytes:
+            match = self.tree.match_prefix(tokens, n - 1)  # stored without logits
         self.tree.tick()
         self.eviction.on_hit(match)
         return match
@@ -337,6 +415,14 @@ class PrefixCache:
     ) -> list[int]:
         """Positions whose SSM state the admission policy stores (the hit's included)."""
         return self.admission.checkpoint_positions(match, num_input, num_output)
+
+    def _logits_positions(
+        self, positions: Sequence[int], num_input: int, num_output: int
+    ) -> tuple[int, ...]:
+        """Of ``positions``, those whose logits are stored: the input's and the sequence's end."""
+        if not self.store_logits:
+            return ()
+        return tuple(p for p in positions if p in (num_input, num_input + num_output))
 
     def _positions(self, match: MatchResult, num_input: int, num_output: int) -> list[int]:
         """Positions a request must capture: the policy's, beyond the hit."""
@@ -364,7 +450,7 @@ class PrefixCache:
                 return AdmitResult(False, 0, 0, 0, 0)
             self.stats.truncated += 1
             plan = tree.plan_insert(tokens, positions)
-        need_state = len(plan.new_checkpoints) * source.checkpoint_nbytes()
+        need_state = plan.state_nbytes(source)
         need = plan.nbytes(source)
         tree.pin(plan.pin_nodes)
         try:
@@ -433,7 +519,7 @@ class PrefixCache:
             return plan.nbytes(source) + sum(n.nbytes for n in plan.pin_nodes) <= (
                 self.capacity_bytes
             )
-        state = len(plan.new_checkpoints) * source.checkpoint_nbytes() + sum(
+        state = plan.state_nbytes(source) + sum(
             n.checkpoint.nbytes for n in plan.pin_nodes if n.checkpoint is not None
         )
         kv = source.kv_nbytes(plan.new_kv_tokens) + sum(n.kv.nbytes for n in plan.pin_nodes)
@@ -481,6 +567,7 @@ class PrefixCache:
         stats.requests += 1
         stats.input_tokens += n_in
         stats.hit_tokens += hit
+        stats.full_hits += n_in > 0 and hit == n_in
         stats.flops_saved += outcome.flops_saved
         stats.flops_total += self.spec.prefill_flops(n_in)
         if self.tuner is not None:
@@ -501,6 +588,8 @@ class PrefixCache:
         twin.eviction.attach(twin.tree)
         twin.source = self.source
         twin.truncate_oversized = self.truncate_oversized
+        twin.store_logits = self.store_logits
+        twin.need_logits = self.need_logits
         twin.stats = CacheStats()
         return twin
 
@@ -538,6 +627,8 @@ def build_cache(
     seglen_eff_weight: float = 0.85,
     vllm_block_size: int | None = None,
     prefix_match_unit: int | None = 64,
+    store_logits: bool = False,
+    need_logits: bool = False,
 ) -> PrefixCache:
     """The paper's systems and today's engines (see :mod:`thrifty.marconi.policies`).
 
@@ -556,9 +647,14 @@ def build_cache(
       charged its padded page; ``prefix_match_unit`` (None: off) sets the
       shared-prefix junction checkpoint.
 
-    ``truncate_oversized`` is passed to :class:`PrefixCache`.
+    ``truncate_oversized``, ``store_logits`` (zero-prefill hits) and
+    ``need_logits`` are passed to :class:`PrefixCache`.
     """
-    extra = {"truncate_oversized": truncate_oversized}
+    extra = {
+        "truncate_oversized": truncate_oversized,
+        "store_logits": store_logits,
+        "need_logits": need_logits,
+    }
     if policy == "marconi":
         if not 0 <= alpha < math.inf:
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
@@ -609,7 +705,7 @@ def build_cache(
             VLLMAlignAdmission(block, prefix_match_unit=prefix_match_unit),
             VLLMEviction(),
             name="vllm",
-            source=SizedSource(spec.kv_bytes_per_token, padded),
+            source=SizedSource(spec.kv_bytes_per_token, padded, spec.logits_bytes),
             **extra,
         )
     raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")

@@ -18,16 +18,21 @@ FalconH1's hybrid layers.
 One request (:meth:`HybridEngine.serve`) calls the cache twice, through one
 handle (:class:`~thrifty.marconi.cache.CacheRequest`), and never touches its tree:
 
-1. ``cache.begin`` matches the input (``max_hit = len(input) - 1``: the last
-   input token must run through the model to give the first output token's
-   logits) and plans the checkpoints;
+1. ``cache.begin`` matches the input (``need_logits=True``: the first output
+   token comes from the last input token's logits, so a hit may cover the
+   whole input only where the cache stored those logits, with its
+   ``store_logits``; otherwise the last input token runs through the model
+   again) and plans the checkpoints;
 2. on a hit, build a fresh ``DynamicCache`` from the hit's KV segments and
    checkpoint, so the tree's tensors are never written to;
 3. prefill only the rest, in pieces that end at every position whose state
    the request must capture inside the input (Marconi: the branch point;
-   vLLM+: block boundaries), cloning the SSM state at each piece's end;
+   vLLM+: block boundaries), cloning the SSM state at each piece's end; a hit
+   of the whole input prefills nothing and takes the first output token from
+   the stored logits (a zero-prefill hit);
 4. greedy-decode the output (or feed a given output, to replay a trace), and
-   feed the last token once more when a checkpoint after it is wanted;
+   feed the last token once more when a checkpoint after it is wanted; the
+   checkpoints at ``request.logits_positions`` keep that position's logits;
 5. ``request.finish`` admits input + output with the captured states
    (evicting first) and counts the request.
 
@@ -307,14 +312,22 @@ class TensorKV:
 
 @dataclass(frozen=True, eq=False)
 class TensorCheckpoint:
-    """The SSM state after ``position`` tokens: ``(layer, state index, conv, recurrent)``."""
+    """The SSM state after ``position`` tokens: ``(layer, state index, conv, recurrent)``,
+    and optionally the logits of token ``position`` (shape ``[vocab]``, as the
+    model returned them), which make a zero-prefill hit possible."""
 
     states: tuple[tuple[int, int, torch.Tensor | None, torch.Tensor | None], ...]
     position: int
+    logits: torch.Tensor | None = None
+
+    @property
+    def logits_nbytes(self) -> int:
+        return 0 if self.logits is None else self.logits.nbytes
 
     @property
     def nbytes(self) -> int:
-        return sum(_nbytes((conv, rec)) for _, _, conv, rec in self.states)
+        states = sum(_nbytes((conv, rec)) for _, _, conv, rec in self.states)
+        return states + self.logits_nbytes
 
 
 class TensorSource:
@@ -325,7 +338,8 @@ class TensorSource:
             every token that will be stored).
         kv_layers: indices of the cache layers that hold KV.
         checkpoints: the SSM states captured during the request, by position.
-        checkpoint_nbytes: bytes of one checkpoint (the model's SSM state size).
+        checkpoint_nbytes: bytes of one checkpoint (the model's SSM state
+            size), for a position that captured none.
     """
 
     def __init__(
@@ -346,8 +360,9 @@ class TensorSource:
     def kv_nbytes(self, num_tokens: int) -> int:
         return num_tokens * self._kv_per_token
 
-    def checkpoint_nbytes(self) -> int:
-        return self._checkpoint_nbytes
+    def checkpoint_nbytes(self, position: int) -> int:
+        captured = self._checkpoints.get(position)
+        return self._checkpoint_nbytes if captured is None else captured.nbytes
 
     def kv(self, start: int, end: int) -> TensorKV:
         have = self._layers[0].keys.shape[2] if self._layers else end
@@ -388,9 +403,9 @@ class ServeResult:
         output_ids: the greedy token after the input and after each fed output token.
         fed_ids: output tokens fed back (= ``output_ids`` unless a forced output was given).
         hit_tokens: input tokens restored from the cache.
-        prefill_tokens: input tokens run through the model.
+        prefill_tokens: input tokens run through the model (0 on a zero-prefill hit).
         prefill_pieces: forward passes the prefill took (more than one when
-            checkpoints inside the input were captured).
+            checkpoints inside the input were captured; 0 on a zero-prefill hit).
         ttft_s: arrival to first output token (lookup, restore, prefill).
         total_s: arrival to the last output token fed, admission excluded.
         admit_s: time to finish the request in the cache (admission, eviction,
@@ -494,26 +509,32 @@ class HybridEngine:
         hit = 0
         in_input: tuple[int, ...] = ()
         in_output: set[int] = set()
+        with_logits: frozenset[int] = frozenset()
         if self.cache is not None:
-            request = self.cache.begin(input_ids, n_out, max_hit=n_in - 1)
+            request = self.cache.begin(input_ids, n_out, need_logits=True)
             hit = request.hit_length
             in_input = request.prefill_positions
             in_output = set(request.output_positions)
+            with_logits = frozenset(request.logits_positions)
         lookup_s = time.perf_counter() - started
 
         prefill_s = float("inf")
+        pieces = sorted({*in_input, n_in}) if hit < n_in else []
         for _ in range(repeats):
             rep_started = time.perf_counter()
             kv_cache = (
                 self._restore(request) if hit else self._dynamic_cache(config=self.model.config)
             )
             captured: dict[int, TensorCheckpoint] = {}
+            if hit == n_in:  # zero-prefill hit: the stored logits give the first token
+                assert request is not None
+                logits = request.hit_checkpoint.logits[None, None]
             pos = hit
-            for end in sorted({*in_input, n_in}):
+            for end in pieces:
                 logits = self._forward(input_ids[pos:end], kv_cache)
                 pos = end
                 if end in in_input:
-                    captured[end] = self._capture(kv_cache, end)
+                    captured[end] = self._capture(kv_cache, end, logits, with_logits)
             outputs = [int(logits[0, -1].argmax())]
             prefill_s = min(prefill_s, time.perf_counter() - rep_started)
         ttft = lookup_s + prefill_s
@@ -523,10 +544,10 @@ class HybridEngine:
             fed = forced
             pos = n_in
             for end in sorted({*in_output, n_in + n_out}):
-                self._forward(fed[pos - n_in : end - n_in], kv_cache)
+                logits = self._forward(fed[pos - n_in : end - n_in], kv_cache)
                 pos = end
                 if end in in_output:
-                    captured[end] = self._capture(kv_cache, end)
+                    captured[end] = self._capture(kv_cache, end, logits, with_logits)
         else:
             # Greedy decode; the state after the last token needs one more step.
             fed = []
@@ -537,7 +558,8 @@ class HybridEngine:
                     break
                 logits = self._forward([outputs[i]], kv_cache)
                 if n_in + i + 1 in in_output:
-                    captured[n_in + i + 1] = self._capture(kv_cache, n_in + i + 1)
+                    end = n_in + i + 1
+                    captured[end] = self._capture(kv_cache, end, logits, with_logits)
                 if not last:
                     outputs.append(int(logits[0, -1].argmax()))
         total = ttft + time.perf_counter() - decode_started
@@ -554,7 +576,7 @@ class HybridEngine:
             fed_ids=list(fed),
             hit_tokens=hit,
             prefill_tokens=n_in - hit,
-            prefill_pieces=len({*in_input, n_in}),
+            prefill_pieces=len(pieces),
             ttft_s=ttft,
             total_s=total,
             admit_s=admit_s,
@@ -604,7 +626,15 @@ class HybridEngine:
             ).logits
         return logits
 
-    def _capture(self, kv_cache: Any, position: int) -> TensorCheckpoint:
+    def _capture(
+        self,
+        kv_cache: Any,
+        position: int,
+        logits: torch.Tensor | None = None,
+        with_logits: frozenset[int] = frozenset(),
+    ) -> TensorCheckpoint:
+        """Clone the SSM states after ``position`` tokens; keep the last row of
+        ``logits`` beside them when ``position`` is in ``with_logits``."""
         states = []
         for i in self.ssm_layers:
             layer = kv_cache.layers[i]
@@ -620,7 +650,10 @@ class HybridEngine:
                         None if rec is None else rec.clone(),
                     )
                 )
-        return TensorCheckpoint(tuple(states), position)
+        kept = None
+        if logits is not None and position in with_logits:
+            kept = logits[0, -1].clone()
+        return TensorCheckpoint(tuple(states), position, kept)
 
     def _restore(self, request: CacheRequest | None) -> Any:
         """A fresh ``DynamicCache`` holding the hit's KV and SSM state."""

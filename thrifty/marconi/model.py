@@ -114,10 +114,17 @@ class LayerCost:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A model as the cache sees it: per-layer bytes and FLOPs, plus totals."""
+    """A model as the cache sees it: per-layer bytes and FLOPs, plus totals.
+
+    ``logits_bytes`` is one position's logits (``vocab_size`` values in the
+    model's dtype): what a zero-prefill hit stores beside a checkpoint (see
+    :class:`~thrifty.marconi.cache.PrefixCache`'s ``store_logits``); 0 when the
+    vocabulary is unknown.
+    """
 
     name: str
     layers: tuple[LayerCost, ...]
+    logits_bytes: int = 0
     kv_bytes_per_token: int = field(init=False)
     checkpoint_bytes: int = field(init=False)
     linear_flops: float = field(init=False)
@@ -126,6 +133,8 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if not self.layers:
             raise ValueError(f"model {self.name!r} has no layers")
+        if self.logits_bytes < 0:
+            raise ValueError(f"logits_bytes must be >= 0, got {self.logits_bytes}")
         set_ = object.__setattr__
         set_(self, "kv_bytes_per_token", sum(layer.kv_bytes_per_token for layer in self.layers))
         set_(self, "checkpoint_bytes", sum(layer.ssm_state_bytes for layer in self.layers))
@@ -171,7 +180,7 @@ class ModelSpec:
 
     def source(self) -> SizedSource:
         """A size-only state source for the simulator."""
-        return SizedSource(self.kv_bytes_per_token, self.checkpoint_bytes)
+        return SizedSource(self.kv_bytes_per_token, self.checkpoint_bytes, self.logits_bytes)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -181,6 +190,7 @@ class ModelSpec:
             "num_ssm_layers": self.num_ssm_layers,
             "kv_bytes_per_token": self.kv_bytes_per_token,
             "checkpoint_bytes": self.checkpoint_bytes,
+            "logits_bytes": self.logits_bytes,
             "linear_flops": self.linear_flops,
             "quadratic_flops": self.quadratic_flops,
             "layers": [asdict(layer) for layer in self.layers],
@@ -229,7 +239,8 @@ class ModelSpec:
             if kind in ("ssm", "hybrid"):
                 linear += _ssm_flops(config, model_type)
             layers.append(LayerCost(kind, kv, conv, recurrent, linear, quadratic))
-        return cls(name or model_type, tuple(layers))
+        logits = (getattr(config, "vocab_size", None) or 0) * dtype_nbytes(dtype)
+        return cls(name or model_type, tuple(layers), logits)
 
 
 def paper_hybrid_7b() -> ModelSpec:
@@ -239,7 +250,9 @@ def paper_hybrid_7b() -> ModelSpec:
     formulas (utils.py): F_attn = 8LD^2 + 4L^2D, F_mlp = 16LD^2,
     F_ssm = 12LD^2 + 16LDN + 10LD; KV = 4D bytes per token and layer; an SSM
     layer's state = 2DN + 2*4*(2D + 2N) bytes (recurrent + conv, fp16, expand 2,
-    conv kernel 4): 1,116,160 B, 26.8 MB per checkpoint.
+    conv kernel 4): 1,116,160 B, 26.8 MB per checkpoint. One position's
+    logits: a 256,000-token vocabulary (the Nemotron-4 SentencePiece tokenizer
+    the paper's 8B models share) in fp16, 512 KB.
     """
     d, n, kernel, expand, fp16 = 4096, 128, 4, 2, 2
     ssm = LayerCost(
@@ -252,7 +265,8 @@ def paper_hybrid_7b() -> ModelSpec:
         "attention", kv_bytes_per_token=2 * fp16 * d, linear_flops=8 * d * d, quadratic_flops=4 * d
     )
     mlp = LayerCost("mlp", linear_flops=16 * d * d)
-    return ModelSpec("paper-hybrid-7b", (ssm,) * 24 + (attention,) * 4 + (mlp,) * 28)
+    layers = (ssm,) * 24 + (attention,) * 4 + (mlp,) * 28
+    return ModelSpec("paper-hybrid-7b", layers, logits_bytes=256_000 * fp16)
 
 
 # --------------------------------------------------------------------------- shapes and bytes

@@ -4,6 +4,13 @@ The simulator is sequential, as the paper's: requests are taken in arrival
 order and each is matched, then admitted, before the next one; timestamps only
 set how sessions interleave. States are byte counts (no tensors).
 
+A request whose whole input is cached (``full_hits``) is counted as the paper's
+simulator counts it, a hit of every input token (``"free"``), or as an engine
+serves it, which needs the last input token's logits for the first output
+token: without them it falls back to the checkpoint before (``"recompute"``),
+with them stored beside sequence-end checkpoints, charged at the model's
+``logits_bytes``, it prefills nothing (``"logits"``, zero-prefill hits).
+
 TTFT is modelled as linear in the tokens that still need prefill,
 ``intercept_ms + per_token_ms * (input - hit)``. The defaults are the paper's
 fit to Jamba-1.5-Mini on an A100 (about 17.8 ms + 0.053 ms per token); an
@@ -32,12 +39,19 @@ from thrifty.marconi.model import ModelSpec, paper_hybrid_7b
 from thrifty.marconi.traces import Trace
 from thrifty.marconi.tuner import make_tuner
 
-__all__ = ["GB", "SimResult", "TTFTModel", "hit_rate_table", "simulate", "sweep"]
+__all__ = ["FULL_HITS", "GB", "SimResult", "TTFTModel", "hit_rate_table", "simulate", "sweep"]
 
 log = logging.getLogger(__name__)
 
 GB = 10**9
 PAPER_SHAREGPT_SIZES_GB = (1, 2, 3, 4, 5, 10)
+FULL_HITS = ("free", "recompute", "logits")
+"""How a whole-input hit is served; see the module docstring."""
+_FULL_HIT_CACHE = {
+    "free": {"store_logits": False, "need_logits": False},
+    "recompute": {"store_logits": False, "need_logits": True},
+    "logits": {"store_logits": True, "need_logits": True},
+}
 
 
 @dataclass(frozen=True)
@@ -92,6 +106,9 @@ class SimResult:
     final_checkpoints: int
     wall_s: float
     tuner: dict[str, Any] = field(default_factory=dict)
+    full_hits: str = "free"
+    full_hit_requests: int = 0
+    final_logits_bytes: int = 0
 
     @property
     def evictions(self) -> int:
@@ -122,6 +139,7 @@ def simulate(
     truncate_oversized: bool = False,
     progress: bool = False,
     policy_options: dict[str, Any] | None = None,
+    full_hits: str = "free",
 ) -> SimResult:
     """Replay ``trace`` through one policy at one cache size.
 
@@ -140,7 +158,12 @@ def simulate(
         progress: show a progress bar over requests.
         policy_options: keyword arguments for :func:`~thrifty.marconi.cache.build_cache`
             (e.g. ``max_states_per_path`` for ``"sglang"``).
+        full_hits: ``"free"``, ``"recompute"`` or ``"logits"`` (see the module
+            docstring); ``full_hit_requests`` counts the requests that hit
+            their whole input, ``final_logits_bytes`` the logits held at the end.
     """
+    if full_hits not in FULL_HITS:
+        raise ValueError(f"full_hits must be one of {FULL_HITS}, got {full_hits!r}")
     if not isinstance(trace, Trace):
         raise TypeError(
             f"trace must be a Trace (load_trace, read_jsonl, synthetic_trace), got "
@@ -159,6 +182,7 @@ def simulate(
         tuner=the_tuner,
         block_size=block_size,
         truncate_oversized=truncate_oversized,
+        **_FULL_HIT_CACHE[full_hits],
         **(policy_options or {}),
     )
     started = time.perf_counter()
@@ -193,6 +217,11 @@ def simulate(
         final_checkpoints=cache.tree.num_checkpoints,
         wall_s=time.perf_counter() - started,
         tuner=(the_tuner.report() if the_tuner is not None else {"alpha": alpha or 0.0}),
+        full_hits=full_hits,
+        full_hit_requests=stats.full_hits,
+        final_logits_bytes=sum(
+            node.checkpoint.logits_nbytes for node in cache.tree.nodes() if node.checkpoint
+        ),
     )
 
 

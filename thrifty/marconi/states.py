@@ -19,11 +19,18 @@ A :class:`StateSource` hands the tree the states of one request as it inserts
 them: ``kv(start, end)`` for the tokens of a new edge and ``checkpoint(pos)``
 for the SSM state after token ``pos``. It also answers the sizes beforehand,
 so the cache can evict before anything is built.
+
+A checkpoint may carry the logits of its position's last token beside the SSM
+state (:attr:`Checkpoint.logits_nbytes` > 0): a request whose whole input ends
+there then prefills nothing, its first output token comes from those logits.
+They are part of the checkpoint's ``nbytes``, so the budget counts them and
+evicting the checkpoint frees them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 __all__ = [
@@ -57,10 +64,16 @@ class KVSegment(Protocol):
 
 @runtime_checkable
 class Checkpoint(Protocol):
-    """SSM state (conv + recurrent, every SSM layer) after one token position."""
+    """SSM state (conv + recurrent, every SSM layer) after one token position,
+    and optionally the logits there (``nbytes`` counts both)."""
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def logits_nbytes(self) -> int:
+        """Bytes of the stored logits (0: none, a hit here must run the last token)."""
+        ...
 
 
 class StateSource(Protocol):
@@ -70,8 +83,8 @@ class StateSource(Protocol):
         """Bytes that ``kv(start, start + num_tokens)`` will occupy."""
         ...
 
-    def checkpoint_nbytes(self) -> int:
-        """Bytes of one checkpoint."""
+    def checkpoint_nbytes(self, position: int) -> int:
+        """Bytes that ``checkpoint(position)`` will occupy (the logits included)."""
         ...
 
     def kv(self, start: int, end: int) -> KVSegment:
@@ -110,9 +123,11 @@ class SizedKV:
 
 @dataclass(frozen=True, slots=True)
 class SizedCheckpoint:
-    """An SSM checkpoint, as a byte count only (simulator)."""
+    """An SSM checkpoint, as a byte count only (simulator); ``nbytes`` includes
+    the ``logits_nbytes`` of logits stored beside it."""
 
     nbytes: int
+    logits_nbytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,19 +137,30 @@ class SizedSource:
     Args:
         kv_bytes_per_token: KV bytes of one token summed over attention layers.
         checkpoint_bytes: bytes of one SSM checkpoint summed over SSM layers.
+        logits_bytes: bytes of one position's logits.
+        logits_at: positions whose checkpoint also stores the logits
+            (:meth:`with_logits`).
     """
 
     kv_bytes_per_token: int
     checkpoint_bytes: int
+    logits_bytes: int = 0
+    logits_at: frozenset[int] = frozenset()
+
+    def with_logits(self, positions: Iterable[int]) -> SizedSource:
+        """This source, storing the logits beside the checkpoints at ``positions``."""
+        return replace(self, logits_at=frozenset(positions))
 
     def kv_nbytes(self, num_tokens: int) -> int:
         return num_tokens * self.kv_bytes_per_token
 
-    def checkpoint_nbytes(self) -> int:
-        return self.checkpoint_bytes
+    def checkpoint_nbytes(self, position: int) -> int:
+        logits = self.logits_bytes if position in self.logits_at else 0
+        return self.checkpoint_bytes + logits
 
     def kv(self, start: int, end: int) -> SizedKV:
         return SizedKV(end - start, self.kv_bytes_per_token)
 
     def checkpoint(self, position: int) -> SizedCheckpoint:
-        return SizedCheckpoint(self.checkpoint_bytes)
+        logits = self.logits_bytes if position in self.logits_at else 0
+        return SizedCheckpoint(self.checkpoint_bytes + logits, logits)

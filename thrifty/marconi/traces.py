@@ -31,6 +31,7 @@ __all__ = [
     "build_sessions",
     "read_jsonl",
     "synthetic_trace",
+    "with_resends",
     "write_jsonl",
 ]
 
@@ -110,6 +111,42 @@ class Trace:
             "duration_s": (self.requests[-1].ts - self.requests[0].ts) if self.requests else 0.0,
             **self.meta,
         }
+
+
+def with_resends(trace: Trace, rate: float, *, seed: int = 0) -> Trace:
+    """``trace`` where, after a request, its session sends input + output again.
+
+    A chat trace's next turn adds a user message, so no input ends exactly
+    where an earlier request ended and whole-input hits (zero-prefill hits,
+    :class:`~thrifty.marconi.cache.PrefixCache`'s ``store_logits``) never
+    happen. Engines do see such inputs: "continue" after a cut-off answer, an
+    agent loop that resends the transcript, a client retrying a request whose
+    reply it lost. Here each request is followed, with probability ``rate``,
+    by one whose input is that request's input + output, arriving at the same
+    time; its output stands in the original's tokens (same length). The
+    session's next turn still continues the original, so a resend is a side
+    branch, not part of the session's history.
+
+    Args:
+        trace: the trace.
+        rate: probability in [0, 1] that a request is resent.
+        seed: the random choices.
+    """
+    if not 0 <= rate <= 1:
+        raise ValueError(f"rate must lie in [0, 1], got {rate!r}")
+    rng = random.Random(seed)
+    requests: list[Request] = []
+    resent = 0
+    for r in trace.requests:
+        requests.append(r)
+        if rng.random() < rate:
+            again = Request(
+                r.session_id, r.turn_id, r.ts, r.input_tokens + r.output_tokens, r.output_tokens
+            )
+            requests.append(again)
+            resent += 1
+    meta = {**trace.meta, "resend_rate": rate, "resends": resent}
+    return Trace(requests, f"{trace.name}+resend{rate:g}", meta)
 
 
 # --------------------------------------------------------------------------- JSONL

@@ -180,10 +180,12 @@ class InsertPlan:
     def new_kv_tokens(self) -> int:
         return max(self.length - self.matched_length, 0)
 
+    def state_nbytes(self, source: StateSource) -> int:
+        """Bytes of the new checkpoints (their logits included)."""
+        return sum(source.checkpoint_nbytes(p) for p in self.new_checkpoints)
+
     def nbytes(self, source: StateSource) -> int:
-        return source.kv_nbytes(self.new_kv_tokens) + len(self.new_checkpoints) * (
-            source.checkpoint_nbytes()
-        )
+        return source.kv_nbytes(self.new_kv_tokens) + self.state_nbytes(source)
 
 
 @dataclass(frozen=True)
@@ -541,7 +543,7 @@ class RadixTree:
             for key, child in old.children.items():
                 kv = SizedKV(child.kv.num_tokens, child.kv.nbytes // max(child.kv.num_tokens, 1))
                 ckpt = (
-                    SizedCheckpoint(child.checkpoint.nbytes)
+                    SizedCheckpoint(child.checkpoint.nbytes, child.checkpoint.logits_nbytes)
                     if child.checkpoint is not None
                     else None
                 )

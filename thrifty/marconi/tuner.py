@@ -265,6 +265,8 @@ def _empty_like(cache: PrefixCache) -> PrefixCache:
         truncate_oversized=cache.truncate_oversized,
         state_capacity_bytes=cache.state_capacity_bytes,
         source=cache.source,
+        store_logits=cache.store_logits,
+        need_logits=cache.need_logits,
     )
 
 
