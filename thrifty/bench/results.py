@@ -103,8 +103,16 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+# The load when this process started (a benchmark command imports this module
+# at start-up): numbers taken on a loaded machine are not evidence, so every
+# result file says what the machine was doing before the run and when it ended.
+_LOAD_AT_START = os.getloadavg()
+
+
 def machine_info() -> dict[str, Any]:
     return {
+        "load_average_at_start": _LOAD_AT_START,
+        "load_average_at_write": os.getloadavg(),
         "hostname": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),

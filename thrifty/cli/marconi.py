@@ -245,6 +245,9 @@ def marconi_simulate(
             "or a serve-trace JSON."
         ),
     ] = "auto",
+    message_format: Annotated[
+        str, typer.Option(help="ShareGPT: json (the artifact's reading) or text turns.")
+    ] = "json",
     name: Annotated[str, typer.Option(help="Results file stem.")] = "marconi_sweep",
     full_hits: Annotated[
         str,
@@ -271,7 +274,9 @@ def marconi_simulate(
     except ValueError as exc:  # documented: a fit that cannot be read
         raise typer.BadParameter(str(exc), param_hint="'--ttft'") from exc
     hint = "'--sessions', '--skip-sessions'"
-    the_trace = _trace(trace, source, sessions, hint, skip_sessions=skip_sessions)
+    the_trace = _trace(
+        trace, source, sessions, hint, skip_sessions=skip_sessions, message_format=message_format
+    )
     the_trace = _resend(the_trace, resend_rate)
     payload = run_sweep(
         the_trace,
