@@ -95,3 +95,22 @@ def _cuda_sync_rank() -> float:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 def test_gradient_sync_on_cuda_tensors_matches_the_mean() -> None:
     assert max(run_ranks(_cuda_sync_rank, 2)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
+def test_marconi_engine_on_cuda_matches_no_cache() -> None:
+    pytest.importorskip("transformers")
+    from thrifty.marconi import ModelSpec, build_cache
+    from thrifty.marconi.engine import HybridEngine, build_model
+
+    model = build_model("bamba", vocab_size=64)
+    spec = ModelSpec.from_hf_config(model.config)
+    reference = HybridEngine(model, device="cuda")
+    cached = HybridEngine(model, build_cache("marconi", 10**8, spec), device="cuda")
+    ids = [i % 64 for i in range(40)]
+    for _ in range(2):  # the second turn = first input + its output + a new message
+        want = reference.serve(ids, max_new_tokens=4)
+        got = cached.serve(ids, max_new_tokens=4)
+        assert got.output_ids == want.output_ids
+        ids = [*ids, *want.fed_ids, 5, 6, 7]
+    assert cached.device.type == "cuda" and got.hit_tokens > 0

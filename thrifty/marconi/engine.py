@@ -433,15 +433,26 @@ class HybridEngine:
         model: a transformers 5.x hybrid causal LM (``DynamicCache(config=...)``
             must give attention and linear-attention layers).
         cache: the prefix cache; ``None`` serves without one (the reference).
+        device: where to serve (``"cuda"``, ``"cuda:1"``, ``"cpu"``); the model
+            is moved there. ``None`` serves where the model's parameters are.
+            Cached KV and SSM states live on this device too.
     """
 
-    def __init__(self, model: Any, cache: PrefixCache | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        cache: PrefixCache | None = None,
+        *,
+        device: str | torch.device | None = None,
+    ) -> None:
         from transformers import DynamicCache  # optional: [marconi]
         from transformers.cache_utils import (  # optional: [marconi]
             DynamicLayer,
             LinearAttentionCacheLayerMixin,
         )
 
+        if device is not None:
+            model = model.to(torch.device(device))
         self.model = model
         self.cache = cache
         self.device = next(model.parameters()).device
