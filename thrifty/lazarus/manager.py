@@ -464,7 +464,7 @@ class Lazarus:
         for attempt in range(1, _START_ATTEMPTS + 1):
             try:
                 self._ms.watch(agreement.members)
-                self._ms.wait_ready(agreement, opts.start_timeout_s)
+                self._ms.wait_ready(agreement, opts.start_timeout_s, heartbeats=False)
                 self._build_group(agreement)
                 self._broadcast_model()  # every worker starts from rank 0's weights
                 break
@@ -475,7 +475,11 @@ class Lazarus:
                 log.warning("member %d: start failed (%s); trying again", rank, exc)
                 self._teardown_group()
                 base = agreement.members
-                agreement = self._ms.agree(agreement.gen + 1, base, 0, opts.start_timeout_s)
+                # Only a death counts here: a member still inside gloo's connect
+                # (a loaded machine) beats late but is alive, and retries too.
+                agreement = self._ms.agree(
+                    agreement.gen + 1, base, 0, opts.start_timeout_s, heartbeats=False
+                )
         held: dict[int, Any] = dict.fromkeys(agreement.members)
         plan = plan_slots(
             self._alloc_loads(), agreement.members, held, opts.slots_per_rank, opts.fault_tolerance

@@ -282,6 +282,9 @@ class Membership:
     def is_gone(self, member: int) -> bool:
         return self.gone_reason(member) is not None or self.stale(member)
 
+    def _dead_or_left(self, member: int) -> bool:
+        return self.gone_reason(member) is not None
+
     def _beat(self) -> None:
         store = client(self.host, self.port, self.namespace, 10.0)
         while not self._stop.is_set():
@@ -361,12 +364,20 @@ class Membership:
         admitted: int,
         deadline_s: float,
         on_poll: Callable[[], None] | None = None,
+        *,
+        heartbeats: bool = True,
     ) -> Agreement:
         """Agree with the other survivors of ``base`` on the members of generation ``gen``.
+
+        ``heartbeats=False`` counts a member as gone only once the coordinator
+        saw it die or it left, not when its heartbeat stood still: while the
+        initial members build their first group, one of them may sit inside
+        gloo's connect for seconds without beating, and must not be evicted.
 
         Raises :class:`MemberEvicted` when the agreed list leaves this member out,
         :class:`TimeoutError` after ``deadline_s`` seconds without a verdict.
         """
+        gone = self.is_gone if heartbeats else self._dead_or_left
         store = self.store
         store.set(f"in/{gen}/{self.me}", "1")
         key = f"members/{gen}"
@@ -374,9 +385,7 @@ class Membership:
         while True:
             if store.check([key]):
                 break
-            resolved = all(
-                m == self.me or store.check([f"in/{gen}/{m}"]) or self.is_gone(m) for m in base
-            )
+            resolved = all(m == self.me or store.check([f"in/{gen}/{m}"]) or gone(m) for m in base)
             if resolved:
                 alive = [m for m in base if store.check([f"in/{gen}/{m}"])]
                 asked = self.joins_requested()
@@ -410,8 +419,14 @@ class Membership:
             )
         return Agreement(gen, members, agreed["admitted"], joiners)
 
-    def wait_ready(self, agreement: Agreement, deadline_s: float) -> None:
-        """Everyone of the agreement is about to build the group; any death -> next generation."""
+    def wait_ready(
+        self, agreement: Agreement, deadline_s: float, *, heartbeats: bool = True
+    ) -> None:
+        """Everyone of the agreement is about to build the group; any death -> next generation.
+
+        ``heartbeats``: as in :meth:`agree`.
+        """
+        gone = self.is_gone if heartbeats else self._dead_or_left
         gen = agreement.gen
         self.store.set(f"ready/{gen}/{self.me}", "1")
         deadline = time.time() + deadline_s
@@ -419,7 +434,7 @@ class Membership:
         while waiting:
             waiting = [m for m in waiting if not self.store.check([f"ready/{gen}/{m}"])]
             for m in waiting:
-                if self.is_gone(m):
+                if gone(m):
                     raise GenerationFailed(f"generation {gen}: member {m} is gone before regroup")
             if time.time() > deadline:
                 raise GenerationFailed(f"generation {gen}: members {waiting} never got ready")
