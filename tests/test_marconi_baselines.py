@@ -8,6 +8,7 @@ import random
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from marconi_toy import TOY, ckpt_depths
 
 from thrifty.marconi.cache import PrefixCache, build_cache
 from thrifty.marconi.model import LayerCost, ModelSpec, paper_hybrid_7b
@@ -19,19 +20,6 @@ from thrifty.marconi.policies import (
     vllm_align_geometry,
 )
 from thrifty.marconi.tree import MatchResult, RadixTree
-
-# 10 bytes of KV per token, 1000-byte checkpoints (as in test_marconi_policies).
-TOY = ModelSpec(
-    "toy",
-    (
-        LayerCost("attention", kv_bytes_per_token=10, linear_flops=60.0, quadratic_flops=1.0),
-        LayerCost("ssm", conv_state_bytes=200, recurrent_state_bytes=800, linear_flops=40.0),
-    ),
-)
-
-
-def ckpt_depths(cache: PrefixCache) -> list[int]:
-    return sorted(n.depth for n in cache.tree.nodes() if n.checkpoint is not None)
 
 
 def node_at(cache: PrefixCache, depth: int):
@@ -278,16 +266,6 @@ def test_new_policies_are_registered_and_validated():
 
 
 # --------------------------------------------------------------------------- in the engine
-
-
-@pytest.fixture
-def one_thread():
-    # A tiny model: threads only add overhead, and the test machine is shared.
-    torch = pytest.importorskip("torch")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_engine_serves_the_new_baselines_token_identically(one_thread):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from marconi_toy import TOY, ckpt_depths
 
 from thrifty.marconi.cache import PrefixCache, build_cache
-from thrifty.marconi.model import LayerCost, ModelSpec
 from thrifty.marconi.policies import (
     BlockAdmission,
     LRUEviction,
@@ -15,21 +15,6 @@ from thrifty.marconi.policies import (
     UtilityEviction,
 )
 from thrifty.marconi.tree import RadixTree
-
-# A toy model: 10 bytes of KV per token, 1000-byte checkpoints,
-# prefill FLOPs = 100 L + L^2.
-TOY = ModelSpec(
-    "toy",
-    (
-        LayerCost("attention", kv_bytes_per_token=10, linear_flops=60.0, quadratic_flops=1.0),
-        LayerCost("ssm", conv_state_bytes=200, recurrent_state_bytes=800, linear_flops=40.0),
-    ),
-)
-
-
-def ckpt_depths(cache: PrefixCache) -> list[int]:
-    return sorted(n.depth for n in cache.tree.nodes() if n.checkpoint is not None)
-
 
 # --------------------------------------------------------------------------- admission
 

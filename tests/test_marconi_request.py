@@ -6,18 +6,11 @@ from __future__ import annotations
 import random
 
 import pytest
+from marconi_toy import TOY
 
 from thrifty.marconi.cache import build_cache
-from thrifty.marconi.model import LayerCost, ModelSpec
+from thrifty.marconi.model import ModelSpec
 
-# 10 bytes of KV per token, 1000-byte checkpoints (as in test_marconi_policies).
-TOY = ModelSpec(
-    "toy",
-    (
-        LayerCost("attention", kv_bytes_per_token=10, linear_flops=60.0, quadratic_flops=1.0),
-        LayerCost("ssm", conv_state_bytes=200, recurrent_state_bytes=800, linear_flops=40.0),
-    ),
-)
 SYSTEM = list(range(100, 120))  # a 20-token shared system prompt
 
 
@@ -136,16 +129,6 @@ class _HandleView:
         if name not in _OnlyTheHandle.FIELDS:
             raise AssertionError(f"the engine read .{name} of the request handle")
         return getattr(self._request, name)
-
-
-@pytest.fixture
-def one_thread():
-    # A tiny model: threads only add overhead, and the test machine is shared.
-    torch = pytest.importorskip("torch")
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def test_engine_calls_the_cache_twice_per_request_and_never_its_tree(one_thread):

@@ -5,21 +5,15 @@ from __future__ import annotations
 import random
 
 import pytest
+from marconi_toy import LAYERS
 
 from thrifty.marconi import simulate, synthetic_trace, with_resends
 from thrifty.marconi.cache import build_cache
-from thrifty.marconi.model import LayerCost, ModelSpec
+from thrifty.marconi.model import ModelSpec
 from thrifty.marconi.tuner import replay
 
-# 10 bytes of KV per token, 1000-byte checkpoints, 300 bytes of logits.
-TOY = ModelSpec(
-    "toy",
-    (
-        LayerCost("attention", kv_bytes_per_token=10, linear_flops=60.0, quadratic_flops=1.0),
-        LayerCost("ssm", conv_state_bytes=200, recurrent_state_bytes=800, linear_flops=40.0),
-    ),
-    logits_bytes=300,
-)
+# The toy hybrid's 10 bytes of KV per token and 1000-byte checkpoints, with 300 bytes of logits.
+TOY = ModelSpec("toy", LAYERS, logits_bytes=300)
 
 
 def test_a_resend_of_input_plus_output_hits_all_of_it_only_with_logits():
