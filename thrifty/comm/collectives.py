@@ -14,6 +14,10 @@ Byte accounting. Every call adds to the active :class:`CommLedger` objects:
   all-gather sends its contribution to ``n-1`` peers, all-to-all sends each
   peer its chunk; size exchanges are included. A rank's bytes to itself are free.
 
+Devices. Buffers and size counts are allocated on the input's device, so CUDA
+tensors work over NCCL (which needs CUDA counts too); a size exchange then
+reads the counts back to the host (``.tolist()``), one synchronisation.
+
 Timeouts. A dead peer makes gloo fail at once ("Connection closed by peer"),
 but a *silent* one (stopped, stuck in a debugger, swapping) leaves every other
 rank blocked until the process group's timeout, 30 minutes by default. Inside
@@ -472,7 +476,7 @@ def all_gather(
     flat = tensor.reshape(-1)
     recv = _adjacent_view([o.reshape(-1) for o in out]) if out is not None else None
     if recv is None:
-        recv = torch.empty(n * flat.numel(), dtype=flat.dtype)
+        recv = torch.empty(n * flat.numel(), dtype=flat.dtype, device=flat.device)
     if async_op:
         send = flat.repeat(n)  # stays in flight: a buffer of its own
     else:
@@ -548,7 +552,7 @@ def all_gather_v(
         raise ValueError(f"all_gather_v takes a 1-D tensor, got shape {tuple(tensor.shape)}")
     tensor = tensor.contiguous()
     if sizes is None:
-        mine = torch.full((n,), tensor.numel(), dtype=_SIZE_DTYPE)
+        mine = torch.full((n,), tensor.numel(), dtype=_SIZE_DTYPE, device=tensor.device)
         sizes = _exchange_counts(mine, group).tolist()
     elif len(sizes) != n:
         raise ValueError(f"sizes has {len(sizes)} entries but the group has {n} ranks")
@@ -559,7 +563,7 @@ def all_gather_v(
     sizes = [int(s) for s in sizes]
     _record("all_gather_v", _nbytes(tensor), (n - 1) * _nbytes(tensor))
     send = tensor.repeat(n) if n > 1 else tensor
-    recv = torch.empty(sum(sizes), dtype=tensor.dtype)
+    recv = torch.empty(sum(sizes), dtype=tensor.dtype, device=tensor.device)
 
     def call() -> dist.Work | None:
         return dist.all_to_all_single(
@@ -626,7 +630,8 @@ def all_to_all_v(
             raise ValueError(f"chunk {j} must be 1-D, got shape {tuple(c.shape)}")
     send_sizes = [c.numel() for c in chunks]
     if recv_sizes is None:
-        recv_sizes = _exchange_counts(torch.tensor(send_sizes, dtype=_SIZE_DTYPE), group).tolist()
+        counts = torch.tensor(send_sizes, dtype=_SIZE_DTYPE, device=chunks[0].device)
+        recv_sizes = _exchange_counts(counts, group).tolist()
     elif len(recv_sizes) != n:
         raise ValueError(f"recv_sizes has {len(recv_sizes)} entries but the group has {n} ranks")
     recv_sizes = [int(s) for s in recv_sizes]
@@ -635,7 +640,7 @@ def all_to_all_v(
     _record("all_to_all_v", sent, sent)
     send = _concatenated(chunks)
     if out is None:
-        recv = torch.empty(sum(recv_sizes), dtype=send.dtype)
+        recv = torch.empty(sum(recv_sizes), dtype=send.dtype, device=send.device)
     elif out.dim() != 1 or out.numel() != sum(recv_sizes) or out.dtype != send.dtype:
         raise ValueError(
             f"out must be a 1-D {send.dtype} tensor of {sum(recv_sizes)} elements, got "
@@ -714,7 +719,8 @@ def pack(tensors: Sequence[torch.Tensor], header: bool = False) -> torch.Tensor:
     """
     parts = [_as_bytes(t) for t in tensors]
     if header:
-        parts.insert(0, _as_bytes(_encode_header(Layout.of(tensors))))
+        words = _encode_header(Layout.of(tensors))
+        parts.insert(0, _as_bytes(words.to(parts[0].device if parts else words.device)))
     if not parts:
         return torch.empty(0, dtype=torch.uint8)
     return torch.cat(parts)
