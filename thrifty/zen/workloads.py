@@ -1,6 +1,6 @@
 """Real sparse gradients for Zen's analysis and benchmark (the paper's §2.1, on this machine).
 
-Three workloads, each a plain model plus the data it trains on:
+Four workloads, each a model plus the data it trains on:
 
 * ``lstm``: an LSTM language model whose input embedding is an
   ``nn.Embedding(100277, 64, sparse=True)`` over the full cl100k vocabulary,
@@ -20,7 +20,18 @@ Three workloads, each a plain model plus the data it trains on:
   4 layers of width 256, about 5.3M parameters) on the same ShareGPT tokens
   (frequency ids above 8190 folded into one out-of-vocabulary id), its flat
   gradient sparsified by DGC at 1% with DGC's momentum correction
-  (:class:`thrifty.compressors.memory.DGCMemory`).
+  (:class:`thrifty.compressors.memory.DGCMemory`);
+* ``transformer``: the input embedding of a Hugging Face ``LlamaForCausalLM``
+  (:data:`TRANSFORMER_CONFIG`: 2 layers of width 64, randomly initialised,
+  nothing downloaded) over the full cl100k vocabulary, untied from its output
+  layer, on the same ShareGPT tokens with their raw cl100k ids: the tokenizer's
+  id order, not frequency order, so the same rows as ``lstm`` but a different
+  skew over the id space. Its (dense) gradient is non-zero exactly in the rows
+  of the batch's distinct input tokens. It is not in :data:`WORKLOADS` (the
+  default of ``thrifty zen analyze`` and ``bench``): its 100k-way softmax at
+  every position costs about 2.5 ms per token on one thread, and would more
+  than double the default analysis (about 37 s more than the other three's
+  28 s, measured); :data:`DENSITY_SOURCES` lists it.
 
 :func:`simulate_index_sets` trains a workload for a few steps as ``n``
 data-parallel workers in one process (each worker its own shard of the data,
@@ -29,8 +40,10 @@ non-zero rows per step: the input of :func:`thrifty.zen.measure_sparsity`.
 :func:`index_sets_at_density` gives each worker the rows of a real gradient at
 a chosen density (the embedding workloads: the shortest batch of the worker's
 shard whose distinct rows reach it; ``gpt_dgc``: top-k of the first step's
-gradient, which is what DGC sends on its first step) and ``uniform`` random
-rows as the adversarial case, for the benchmark.
+gradient, which is what DGC sends on its first step; ``transformer``: like
+the embedding workloads, with a real backward through the Llama checking the
+rows, see there) and ``uniform`` random rows as the adversarial case, for the
+benchmark.
 
 Library code: it imports no benchmark module, so the GPT model comes from the
 caller (``gpt_model``); :mod:`thrifty.zen.benchmark` passes the harness's.
@@ -42,7 +55,7 @@ import functools
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +72,8 @@ from thrifty.data import sharegpt_token_ids
 __all__ = [
     "CL100K_VOCAB",
     "DEEPFM_FIELDS",
+    "DENSITY_SOURCES",
+    "TRANSFORMER_CONFIG",
     "WORKLOADS",
     "DeepFM",
     "FrequencyVocabulary",
@@ -411,7 +426,84 @@ def _gpt_workload(
     )
 
 
+TRANSFORMER_CONFIG: dict[str, Any] = {
+    "vocab_size": CL100K_VOCAB,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": False,
+    "use_cache": False,
+}
+"""``LlamaConfig`` of the ``transformer`` source: 12.9M parameters, 12.8M in its two embeddings.
+
+Untied: with a tied output layer every row of the embedding would get a
+gradient from the softmax, and the gradient would be dense.
+"""
+
+TRANSFORMER_SEQ_LEN = 64
+"""Tokens per sequence when :func:`index_sets_at_density` runs the Llama over a prefix."""
+
+TRANSFORMER_BATCH = 64
+"""Sequences per forward and backward there (4,096 tokens); longer prefixes accumulate."""
+
+TRANSFORMER_BACKWARD_WORKERS = 8
+"""Workers whose ``transformer`` rows :func:`index_sets_at_density` reads from a real backward.
+
+The others' rows are the distinct tokens of their prefix, computed directly:
+the first workers' backward checks that the two are the same rows.
+"""
+
+
+def _transformer_model(seed: int) -> nn.Module:
+    """A randomly initialised ``LlamaForCausalLM`` of :data:`TRANSFORMER_CONFIG`."""
+    # Imported here: transformers takes about 5 s to import, and only this source needs it.
+    from transformers import LlamaConfig, LlamaForCausalLM  # optional: [marconi]
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**TRANSFORMER_CONFIG))
+
+
+def _dense_embedding_rows(weight: nn.Parameter) -> Tensor:
+    """Sorted rows of a dense embedding gradient that hold a non-zero value."""
+    grad = weight.grad
+    if grad is None:
+        return torch.zeros(0, dtype=torch.int64)
+    return grad.abs().sum(1).nonzero().squeeze(1)
+
+
+def _transformer_workload(batch: int, seq_len: int, seed: int, max_tokens: int) -> Workload:
+    tokens = sharegpt_tokens(max_tokens)
+    model = _transformer_model(seed)
+    embedding = model.get_input_embeddings().weight
+
+    def loss(worker: int, workers: int, step: int) -> Tensor:
+        x, y = _text_batch(_shard(tokens, worker, workers), step, batch, seq_len)
+        logits = model(input_ids=x).logits
+        return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+
+    return Workload(
+        "transformer",
+        f"LlamaForCausalLM (transformers, 2 layers of width 64, untied), nn.Embedding"
+        f"({CL100K_VOCAB}, 64) over raw cl100k ids, ShareGPT, batch {batch}x{seq_len} "
+        "tokens per worker",
+        model=model,
+        num_rows=CL100K_VOCAB,
+        row_numel=TRANSFORMER_CONFIG["hidden_size"],
+        loss=loss,
+        sparse_rows=lambda w: _dense_embedding_rows(embedding),
+        lr=0.05,
+        state={"tokens": tokens},
+    )
+
+
 WORKLOADS = ("lstm", "deepfm", "gpt_dgc")
+"""The workloads of ``thrifty zen analyze`` and ``bench`` by default (``transformer`` is slower)."""
+
+DENSITY_SOURCES = (*WORKLOADS, "transformer", "uniform")
+"""Every name :func:`index_sets_at_density` takes."""
 
 
 def make_workload(
@@ -425,10 +517,12 @@ def make_workload(
     gpt_config: dict[str, int] | None = None,
     gpt_model: GPTBuilder | None = None,
 ) -> Workload:
-    """One of :data:`WORKLOADS`; default batches: 32 sequences (LSTM), 8 (GPT), 1024 samples.
+    """One of :data:`WORKLOADS` or ``transformer``; default batches: 32 sequences (LSTM),
+    8 (GPT, transformer), 1024 samples (DeepFM).
 
     ``gpt_dgc`` needs ``gpt_model`` (see :data:`GPTBuilder`), called with
-    :data:`GPT_CONFIG` updated by ``gpt_config``.
+    :data:`GPT_CONFIG` updated by ``gpt_config``. ``transformer`` trains on
+    the full next-token loss (every position through the 100k-way softmax).
     """
     if name == "lstm":
         return _lstm_workload(batch or 32, seq_len, seed, max_tokens)
@@ -442,7 +536,9 @@ def make_workload(
             )
         config = {**GPT_CONFIG, **(gpt_config or {})}
         return _gpt_workload(batch or 8, seq_len, seed, max_tokens, dgc_ratio, config, gpt_model)
-    raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+    if name == "transformer":
+        return _transformer_workload(batch or 8, seq_len, seed, max_tokens)
+    raise ValueError(f"unknown workload {name!r}; expected one of {(*WORKLOADS, 'transformer')}")
 
 
 def simulate_index_sets(workload: Workload, workers: int, steps: int) -> list[list[Tensor]]:
@@ -479,14 +575,28 @@ def simulate_index_sets(workload: Workload, workers: int, steps: int) -> list[li
 # --------------------------------------------------------------------------- fixed densities
 
 
-def _first_distinct(stream: Tensor, count: int, size: int) -> Tensor:
-    """The first ``count`` distinct values of ``stream`` (fewer if it has fewer), sorted."""
+def _first_positions(stream: Tensor, size: int) -> tuple[Tensor, Tensor]:
+    """The distinct values of ``stream`` in order of first appearance, and those positions."""
     positions = torch.arange(stream.numel())
     first = torch.full((size,), stream.numel(), dtype=torch.int64)
     first.scatter_reduce_(0, stream, positions, reduce="amin")
     seen = (first < stream.numel()).nonzero().squeeze(1)
-    order = torch.argsort(first[seen])[:count]
-    return torch.sort(seen[order]).values
+    at, order = torch.sort(first[seen])
+    return seen[order], at
+
+
+def _first_distinct(stream: Tensor, count: int, size: int) -> Tensor:
+    """The first ``count`` distinct values of ``stream`` (fewer if it has fewer), sorted."""
+    values, _ = _first_positions(stream, size)
+    return torch.sort(values[:count]).values
+
+
+def _distinct_prefix_length(stream: Tensor, count: int, size: int) -> int:
+    """Length of the shortest prefix of ``stream`` with ``count`` distinct values (or all of it)."""
+    _, at = _first_positions(stream, size)
+    if count <= 0:
+        return 0
+    return int(at[count - 1]) + 1 if count <= at.numel() else stream.numel()
 
 
 def index_sets_at_density(
@@ -502,11 +612,14 @@ def index_sets_at_density(
     ``lstm``: the distinct tokens of the shortest prefix of the worker's
     ShareGPT shard that has ``density * V`` of them (the embedding-gradient
     rows of that batch); ``deepfm``: likewise over the worker's Zipf samples;
-    ``gpt_dgc``: the top ``density`` of the worker's first-step GPT gradient
-    (DGC's first selection); ``uniform``: uniformly random rows of a 4M-element
-    vector (the adversarial case, no overlap beyond chance, no skew).
-    ``gpt_options`` (``gpt_model``, needed; ``batch``, ``seq_len``, ``gpt_config``)
-    go to :func:`make_workload`.
+    ``transformer``: likewise with raw cl100k ids, the first
+    :data:`TRANSFORMER_BACKWARD_WORKERS` workers' rows read from the Llama's
+    embedding gradient (see :func:`_transformer_index_sets`); ``gpt_dgc``: the
+    top ``density`` of the worker's first-step GPT gradient (DGC's first
+    selection); ``uniform``: uniformly random rows of a 4M-element vector (the
+    adversarial case, no overlap beyond chance, no skew). ``gpt_options``
+    (``gpt_model``, needed; ``batch``, ``seq_len``, ``gpt_config``) go to
+    :func:`make_workload`.
     """
     if name == "lstm":
         tokens = sharegpt_tokens(max_tokens)
@@ -533,11 +646,12 @@ def index_sets_at_density(
                     break
             sets.append(_first_distinct(torch.cat(seen), count, rows))
         return _checked(sets, count, name), rows, 16
+    if name == "transformer":
+        sets = _transformer_index_sets(workers, density, seed, max_tokens)
+        return sets, CL100K_VOCAB, TRANSFORMER_CONFIG["hidden_size"]
     if name == "gpt_dgc":
-        magnitudes = _gpt_first_gradients(workers, seed, max_tokens, gpt_options)
-        count = max(1, round(density * magnitudes[0].numel()))
-        sets = [torch.sort(torch.topk(m, count, sorted=False).indices).values for m in magnitudes]
-        return sets, magnitudes[0].numel(), 1
+        sets, numel = _gpt_dgc_index_sets(workers, density, seed, max_tokens, gpt_options)
+        return sets, numel, 1
     if name == "uniform":
         rows = UNIFORM_ROWS
         count = round(density * rows)
@@ -546,10 +660,111 @@ def index_sets_at_density(
             gen = torch.Generator().manual_seed(seed * 7919 + 31 * w + 1)
             sets.append(sample_indices(rows, count, gen, "cpu"))
         return sets, rows, 1
-    raise ValueError(f"unknown workload {name!r}; expected one of {(*WORKLOADS, 'uniform')}")
+    raise ValueError(f"unknown workload {name!r}; expected one of {DENSITY_SOURCES}")
 
+
+def _transformer_index_sets(
+    workers: int, density: float, seed: int, max_tokens: int
+) -> list[Tensor]:
+    """Rows of the Llama's embedding gradient over each worker's shortest prefix at ``density``.
+
+    1. Each worker's prefix is the shortest of its shard of the raw-id ShareGPT
+       stream with ``round(density * V)`` distinct tokens; its rows are those
+       tokens (:func:`_first_distinct`).
+    2. For the first :data:`TRANSFORMER_BACKWARD_WORKERS` workers the Llama
+       runs forward and backward over the prefix
+       (:func:`_transformer_prefix_rows`), and the non-zero rows of its input
+       embedding's gradient must be exactly those rows, or this raises.
+       Checking every worker took 155 s instead of 8 s at 256 workers and
+       density 0.01 on one thread here, for rows that step 1 already gives.
+    """
+    tokens = sharegpt_tokens(max_tokens)
+    count = round(density * CL100K_VOCAB)
+    checked = min(workers, TRANSFORMER_BACKWARD_WORKERS)
+    model = _transformer_model(seed) if checked else None
+    sets = []
+    for w in range(workers):
+        shard = _shard(tokens, w, workers)
+        rows = _first_distinct(shard, count, CL100K_VOCAB)
+        if model is not None and w < checked:
+            length = _distinct_prefix_length(shard, count, CL100K_VOCAB)
+            from_gradient = _transformer_prefix_rows(model, shard, length)
+            if not torch.equal(from_gradient, rows):
+                raise RuntimeError(
+                    f"transformer worker {w}: the embedding gradient has {from_gradient.numel()} "
+                    f"non-zero rows over a {length}-token prefix, expected its {rows.numel()} "
+                    "distinct tokens"
+                )
+        sets.append(rows)
+    return _checked(sets, count, "transformer")
+
+
+def _transformer_prefix_rows(model: nn.Module, shard: Tensor, length: int) -> Tensor:
+    """Non-zero rows of ``model``'s input-embedding gradient after backward over ``shard[:length]``.
+
+    The prefix is cut into sequences of :data:`TRANSFORMER_SEQ_LEN` tokens (the
+    last one shorter). Each sequence's loss is the next-token prediction at its
+    final position (the target: the token after it in the shard, wrapping at
+    the shard's end); the losses are summed, :data:`TRANSFORMER_BATCH`
+    sequences per backward, gradients accumulated. Only the last position goes
+    through the 100k-way softmax (at every position it was 60x slower here):
+    every earlier position reaches it through causal attention, so the rows
+    with a non-zero gradient are the same. Only the input embedding's
+    gradient is computed.
+    """
+    embedding = model.get_input_embeddings().weight
+    for p in model.parameters():
+        p.requires_grad_(p is embedding)
+    embedding.grad = None
+    seq = TRANSFORMER_SEQ_LEN
+    full = length // seq
+    ends = torch.arange(1, full + 1) * seq
+    pieces: list[tuple[Tensor, Tensor]] = [
+        (shard[: full * seq].view(full, seq), shard[ends % shard.numel()])
+    ]
+    if length > full * seq:
+        tail = shard[full * seq : length].view(1, -1)
+        pieces.append((tail, shard[length % shard.numel()].view(1)))
+    for inputs, targets in pieces:
+        for start in range(0, inputs.shape[0], TRANSFORMER_BATCH):
+            batch = slice(start, start + TRANSFORMER_BATCH)
+            logits = model(input_ids=inputs[batch], logits_to_keep=1).logits[:, -1]
+            F.cross_entropy(logits, targets[batch], reduction="sum").backward()
+    return _dense_embedding_rows(embedding)
+
+
+GPT_CACHED_WORKERS = 16
+"""Up to this many workers, ``gpt_dgc``'s first-step gradients are kept for every density.
+
+Beyond, each worker's gradient lives only until its top-k set is taken: 256
+workers' float32 |gradient| of 5.3M entries would be 5.4 GB.
+"""
 
 _GPT_GRADIENTS: dict[str, list[Tensor]] = {}
+
+
+def _gpt_dgc_index_sets(
+    workers: int, density: float, seed: int, max_tokens: int, options: dict[str, Any]
+) -> tuple[list[Tensor], int]:
+    """The top ``density`` of each worker's first-step |gradient|, and the gradient's length."""
+    magnitudes: Iterable[Tensor]
+    if workers <= GPT_CACHED_WORKERS:
+        magnitudes = _gpt_first_gradients(workers, seed, max_tokens, options)
+    else:
+        magnitudes = _gpt_first_step_magnitudes(workers, seed, max_tokens, options)
+    block, numel = None, 0
+    for w, m in enumerate(magnitudes):
+        numel = m.numel()
+        count = max(1, round(density * numel))
+        if block is None:
+            # One block for every set: small tensors kept between the workers' large
+            # transient gradients fragment glibc's heap (peak RSS 3.1 GB at 256 workers,
+            # 0.66 GB with the block).
+            block = torch.empty(workers, count, dtype=torch.int64)
+        block[w] = torch.sort(torch.topk(m, count, sorted=False).indices).values
+    if block is None:
+        return [], numel
+    return [row.clone() for row in block], numel  # each its own storage, as other sources
 
 
 def _gpt_first_gradients(
@@ -558,18 +773,23 @@ def _gpt_first_gradients(
     """|gradient| of every worker's first GPT step; kept, so all densities share one pass."""
     key = repr((workers, seed, max_tokens, sorted(options.items())))
     if key not in _GPT_GRADIENTS:
-        workload = make_workload("gpt_dgc", seed=seed, max_tokens=max_tokens, **options)
-        params = [p for p in workload.model.parameters() if p.requires_grad]
-        out = []
-        for w in range(workers):
-            for p in params:
-                p.grad = None
-            workload.loss(w, workers, 0).backward()
-            flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
-            out.append(flat.abs())
+        out = list(_gpt_first_step_magnitudes(workers, seed, max_tokens, options))
         _GPT_GRADIENTS.clear()  # one model's worth at a time
         _GPT_GRADIENTS[key] = out
     return _GPT_GRADIENTS[key]
+
+
+def _gpt_first_step_magnitudes(
+    workers: int, seed: int, max_tokens: int, options: dict[str, Any]
+) -> Iterator[Tensor]:
+    """|gradient| of each worker's first GPT step, one worker at a time."""
+    workload = make_workload("gpt_dgc", seed=seed, max_tokens=max_tokens, **options)
+    params = [p for p in workload.model.parameters() if p.requires_grad]
+    for w in range(workers):
+        for p in params:
+            p.grad = None
+        workload.loss(w, workers, 0).backward()
+        yield torch.cat([p.grad.reshape(-1) for p in params]).abs()  # type: ignore[union-attr]
 
 
 def _checked(sets: list[Tensor], count: int, name: str) -> list[Tensor]:
