@@ -785,7 +785,7 @@ ROWS = [
     row(
         lambda env: zen.AutoScheme(criterion="fastest"),
         ValueError,
-        r"criterion must be one of \('paper', 'bytes', 'time'\), got 'fastest'",
+        r"criterion must be one of \('paper', 'bytes', 'time', 'model'\), got 'fastest'",
         "AutoScheme-unknown_criterion",
     ),
     row(

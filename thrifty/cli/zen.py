@@ -8,12 +8,25 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from thrifty.bench.netem import NetemUnavailable
+from thrifty.bench.netem import NetemUnavailable, parse_rate
 from thrifty.cli.params import console, float_list, int_list, str_list
-from thrifty.zen.benchmark import GridError, check_grid, run_analysis, run_zen_benchmark
+from thrifty.zen.benchmark import (
+    GridError,
+    check_grid,
+    run_analysis,
+    run_simulation,
+    run_zen_benchmark,
+)
+from thrifty.zen.scaling import (
+    KNOWN_SOURCES,
+    SIM_NODES,
+    SIM_RATES,
+    SIM_SOURCES,
+    describe_crossover,
+)
 from thrifty.zen.workloads import WORKLOADS
 
-app = typer.Typer(help="Zen: sparse gradient synchronisation (analysis and benchmark).")
+app = typer.Typer(help="Zen: sparse gradient synchronisation (analysis, benchmark, simulator).")
 
 
 def zen_analysis_table(payload: dict[str, Any]) -> Table:
@@ -115,7 +128,7 @@ def zen_bench_table(payload: dict[str, Any]) -> Table:
             f"{r['gamma']:.2f}",
             *times,
             str(r.get("auto_chose") or "-"),
-            ratio("auto_vs_best_baseline"),
+            ratio("auto_vs_best_scheme"),
             ratio("speedup_vs_agsparse"),
             ratio("speedup_vs_dense"),
             ratio("speedup_vs_omnireduce"),
@@ -158,7 +171,7 @@ def zen_bench(
         str, typer.Option(help="Comma-separated, e.g. 0.1%,1%,5%.")
     ] = "0.1%,1%,5%",
     sources: Annotated[
-        str, typer.Option(help="Comma-separated: lstm, deepfm, gpt_dgc, uniform.")
+        str, typer.Option(help="Comma-separated: lstm, deepfm, gpt_dgc, transformer, uniform.")
     ] = "lstm,deepfm,gpt_dgc,uniform",
     schemes: Annotated[
         str, typer.Option(help="Comma-separated schemes; auto = Zen + selection.")
@@ -199,3 +212,98 @@ def _goal_detail(result: dict[str, Any]) -> str:
     """The goal's numbers, without its verdict and its (long) lists of offending rows."""
     listed = ("holds", "outside", "violations", "slower")
     return str({k: v for k, v in result.items() if k not in listed})[:400]
+
+
+def zen_simulate_table(payload: dict[str, Any]) -> Table:
+    """Per source and rate: gamma at the largest n, Zen's 2x crossovers and speedups."""
+    table = Table(
+        title=f"simulated sync, density {payload['density']:g}: "
+        "from which n is Zen >= 2x faster (and its speedup at 16 nodes / the largest n)"
+    )
+    columns = (
+        "source",
+        "rate",
+        "gamma(max n)",
+        "2x AGsparse from",
+        "2x SparCML from",
+        "2x OmniReduce from",
+        "vs AGsparse @16 / max",
+        "vs SparCML @16 / max",
+        "vs Omni @16 / max",
+    )
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in describe_crossover(payload):
+        at16, at_max = row["speedup_at_16"] or {}, row["speedup_at_max"]
+
+        def pair(scheme: str, a: dict[str, float] = at16, b: dict[str, float] = at_max) -> str:
+            first = f"{a[scheme]:.2f}x" if scheme in a else "-"
+            return f"{first} / {b[scheme]:.2f}x" if scheme in b else first
+
+        cross = row["crossover_2x"]
+        table.add_row(
+            row["source"],
+            row["rate"],
+            f"{row['gamma_at_max']:.1f}",
+            *(str(cross.get(s) or "never") for s in ("agsparse", "sparcml", "omnireduce")),
+            pair("agsparse"),
+            pair("sparcml"),
+            pair("omnireduce"),
+        )
+    return table
+
+
+@app.command("simulate")
+def zen_simulate(
+    sources: Annotated[
+        str, typer.Option(help=f"Comma-separated, some of: {', '.join(KNOWN_SOURCES)}.")
+    ] = ",".join(SIM_SOURCES),
+    density: Annotated[str, typer.Option(help="Each rank's density, e.g. 1% or 0.01.")] = "1%",
+    nodes: Annotated[
+        str, typer.Option(help="Comma-separated node counts; index sets of max(nodes) ranks.")
+    ] = ",".join(str(n) for n in SIM_NODES),
+    rates: Annotated[str, typer.Option(help="Comma-separated NIC rates.")] = ",".join(SIM_RATES),
+    calibration: Annotated[
+        str | None,
+        typer.Option(help="A zen_bench.json with a fitted simulator: its latencies are used."),
+    ] = None,
+    compute: Annotated[
+        bool, typer.Option(help="Add this machine's local work (one core per node).")
+    ] = False,
+) -> None:
+    """Predicted sync time per scheme for n up to 256 nodes from real sparsity; Zen's crossovers."""
+    names = str_list(sources)
+    unknown = [name for name in names if name not in KNOWN_SOURCES]
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"unknown source {(unknown or [''])[0]!r}; expected some of {KNOWN_SOURCES}",
+            param_hint="'--sources'",
+        )
+    values = float_list(density)
+    if len(values) != 1 or not 0 < values[0] <= 1:
+        raise typer.BadParameter(
+            f"one density in (0, 1], got {density!r}", param_hint="'--density'"
+        )
+    ns = int_list(nodes)
+    if not ns or min(ns) < 2:
+        raise typer.BadParameter(f"nodes must be >= 2, got {nodes!r}", param_hint="'--nodes'")
+    rate_list = str_list(rates)
+    for rate in rate_list:
+        try:
+            parse_rate(rate)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="'--rates'") from exc
+    if compute and calibration is None:
+        raise typer.BadParameter(
+            "--compute needs --calibration (a zen_bench.json)", param_hint="'--compute'"
+        )
+    try:
+        payload = run_simulation(
+            names, values[0], sorted(ns), rate_list, calibration=calibration, with_compute=compute
+        )
+    except (OSError, ValueError) as exc:
+        if calibration is None:
+            raise
+        raise typer.BadParameter(str(exc), param_hint="'--calibration'") from exc
+    Console(width=max(console.width, 160)).print(zen_simulate_table(payload))
+    console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")

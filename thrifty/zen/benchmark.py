@@ -46,7 +46,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,11 +65,28 @@ from thrifty.zen.analytic import (
     measure_sparsity,
     predict_wire_bytes,
 )
+from thrifty.zen.hierarchical_hashing import h0_imbalance
+from thrifty.zen.scaling import (
+    DEFAULT_ALPHA,
+    DEFAULT_ALPHA_PEER,
+    KNOWN_SOURCES,
+    SIM_NODES,
+    SIM_RATES,
+    SIM_SOURCES,
+    compute_from_runs,
+    load_calibration,
+    measure_source,
+    stats_record,
+    sweep_source,
+    validate_simulator,
+)
 from thrifty.zen.schemes.block_parallelism import OMNIREDUCE_BLOCK_SIZE, rows_per_block
 from thrifty.zen.selection import AutoScheme
+from thrifty.zen.simulator import ComputeModel, NicNetwork, PrimitiveTiming, fit_network
 from thrifty.zen.sparse_rows import wire_index_dtype
 from thrifty.zen.sync import make_scheme, sync_sparse
 from thrifty.zen.workloads import (
+    DENSITY_SOURCES,
     WORKLOADS,
     FrequencyVocabulary,
     LSTMLanguageModel,
@@ -90,6 +107,7 @@ __all__ = [
     "plot_analysis",
     "prepare_inputs",
     "run_analysis",
+    "run_simulation",
     "run_zen_benchmark",
     "summary_rows",
 ]
@@ -100,7 +118,7 @@ MODULE = "thrifty.zen.benchmark"
 NODES = (2, 4, 8)
 RATES = ("1gbit", "10gbit")
 DENSITIES = (0.001, 0.01, 0.05)
-SOURCES = (*WORKLOADS, "uniform")
+SOURCES = DENSITY_SOURCES
 SCHEMES = ("dense", "agsparse", "sparcml", "omnireduce", "zen", "auto")
 BASELINES = ("dense", "agsparse", "sparcml", "omnireduce")
 TRAIN_CONFIGS = {"dense": None, "agsparse": "agsparse", "zen": "zen"}
@@ -178,9 +196,10 @@ def prepare_inputs(
             per_block = rows_per_block(OMNIREDUCE_BLOCK_SIZE, row_numel)
             index_bytes = wire_index_dtype(num_rows).itemsize
             entry = index_bytes + 4 * row_numel
-            predictions = {}
+            predictions, records = {}, {}
             for n in nodes:
                 stats = measure_sparsity(sets[:n], num_rows, rows_per_block=per_block)
+                records[str(n)] = stats_record(stats, *h0_imbalance(sets[:n], num_rows))
                 kw = {"index_bytes": index_bytes, "values_per_index": row_numel}
                 predictions[str(n)] = {
                     "density": stats.density,
@@ -208,6 +227,7 @@ def prepare_inputs(
                 "nnz": [s.numel() for s in sets],
                 "prepare_s": time.perf_counter() - started,
                 "predicted": predictions,
+                "stats": records,
             }
     train = None
     if train_iters > 0:
@@ -277,6 +297,10 @@ def run_zen_benchmark(
         raise
     payload["seconds"] = time.perf_counter() - started
     payload["summary"] = summary_rows(payload)
+    if len({r["rate"] for r in payload["runs"].values()} - {"loopback"}) and any(
+        r["rate"] == "loopback" for r in payload["runs"].values()
+    ):
+        payload["simulator"] = validate_simulator(payload)
     payload["goals"] = goal_checks(payload)
     path = write_json("zen_bench", payload)
     payload["json_path"] = str(path)
@@ -310,7 +334,13 @@ def _run_grid(
             "train_iters": train_iters,
             "train_warmup": train_warmup,
         }
-        for rate in rates:
+        # loopback first: its runs fit the local work that `auto` adds to its model later
+        for rate in sorted(rates, key=lambda r: r != "loopback"):
+            if rate != "loopback" and "compute" not in job:
+                done = [r for r in payload["runs"].values() if r["rate"] == "loopback"]
+                if done:
+                    cores = os.cpu_count() or 1
+                    job["compute"] = compute_from_runs(payload, done, cores).as_dict()
             for n in nodes:
                 job_start = time.perf_counter()
                 if rate == "loopback":  # one node, plain loopback: no root, no rate limit
@@ -343,7 +373,7 @@ def _merge_ranks(per_rank: list[dict[str, Any]]) -> dict[str, Any]:
                 **({"chosen": row["chosen"]} if "chosen" in row else {}),
             }
         cells[key] = schemes
-    return {"cells": cells, "train": first.get("train")}
+    return {"cells": cells, "train": first.get("train"), "primitives": first.get("primitives", [])}
 
 
 def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
@@ -384,6 +414,10 @@ def summary_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
             for s in ("zen", "auto"):
                 if s in times and best is not None:
                     row[f"{s}_vs_best_baseline"] = times[s] / times[best]
+            fixed = {s: t for s, t in times.items() if s != "auto"}
+            if "auto" in times and fixed:
+                row["best_scheme"] = min(fixed, key=fixed.__getitem__)
+                row["auto_vs_best_scheme"] = times["auto"] / fixed[row["best_scheme"]]
             if "auto" in schemes:
                 row["auto_chose"] = schemes["auto"].get("chosen")
             for base in BASELINES:
@@ -413,12 +447,12 @@ def goal_checks(payload: dict[str, Any]) -> dict[str, Any]:
         "max_vs_eq1_coo": max((r["zen_vs_eq1"] for r in zen), default=None),
         "max_vs_balanced_zen_model": max((r["zen_vs_balanced_model"] for r in zen), default=None),
     }
-    auto = [r for r in rows if "auto_vs_best_baseline" in r]
-    slowest = max(auto, key=lambda r: r["auto_vs_best_baseline"], default=None)
+    auto = [r for r in rows if "auto_vs_best_scheme" in r]
+    slowest = max(auto, key=lambda r: r["auto_vs_best_scheme"], default=None)
     out["auto_never_5pct_slower_than_best"] = {
-        "holds": all(r["auto_vs_best_baseline"] <= 1.05 for r in auto),
+        "holds": all(r["auto_vs_best_scheme"] <= 1.05 for r in auto),
         "worst": None if slowest is None else _brief(slowest),
-        "violations": [_brief(r) for r in auto if r["auto_vs_best_baseline"] > 1.05],
+        "violations": [_brief(r) for r in auto if r["auto_vs_best_scheme"] > 1.05],
     }
     lstm = [r for r in rows if r["source"] == "lstm" and r["nodes"] == 8 and r["rate"] == "1gbit"]
     twice_agsparse = bool(lstm) and all(r.get("speedup_vs_agsparse", 0) >= 2 for r in lstm)
@@ -454,7 +488,7 @@ def _where(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _brief(row: dict[str, Any]) -> dict[str, Any]:
-    keys = ("auto_vs_best_baseline", "best_baseline", "auto_chose", "speedup_vs_omnireduce")
+    keys = ("auto_vs_best_scheme", "best_scheme", "auto_chose", "speedup_vs_omnireduce")
     return {**_where(row), **{k: row[k] for k in keys if k in row}}
 
 
@@ -593,6 +627,118 @@ def plot_analysis(payload: dict[str, Any], path: Path) -> Path:
     return path
 
 
+# --------------------------------------------------------------------------- simulate
+
+
+def run_simulation(
+    sources: Sequence[str] = SIM_SOURCES,
+    density: float = 0.01,
+    nodes: Sequence[int] = SIM_NODES,
+    rates: Sequence[str] = SIM_RATES,
+    calibration: str | Path | None = None,
+    with_compute: bool = False,
+    plot: bool = True,
+    **options: Any,
+) -> dict[str, Any]:
+    """Measure each source's sparsity up to ``max(nodes)`` ranks, sweep every rate, write results.
+
+    ``calibration`` (a ``zen_bench.json`` with a fitted simulator) gives the
+    per-call and per-peer latencies (their median over its rates) and, with
+    ``with_compute``, this machine's local work per node.
+    """
+    if not nodes or min(nodes) < 2:
+        raise ValueError(f"nodes must be >= 2, got {list(nodes)}")
+    unknown = [s for s in sources if s not in KNOWN_SOURCES]
+    if unknown or not sources:
+        raise ValueError(
+            f"unknown source {unknown or list(sources)}; expected some of {KNOWN_SOURCES}"
+        )
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    bits = {rate: netem.parse_rate(rate) for rate in rates}
+    alpha, alpha_peer, compute = DEFAULT_ALPHA, DEFAULT_ALPHA_PEER, None
+    if calibration is not None:
+        networks, fitted = load_calibration(calibration)
+        alpha = statistics.median(n.alpha for n in networks.values())
+        alpha_peer = statistics.median(n.alpha_peer for n in networks.values())
+        compute = fitted if with_compute else None
+    elif with_compute:
+        raise ValueError("with_compute needs a calibration file (thrifty zen bench's JSON)")
+    started = time.perf_counter()
+    payload: dict[str, Any] = {
+        "density": density,
+        "nodes": list(nodes),
+        "rates": list(rates),
+        "alpha_s": alpha,
+        "alpha_peer_s": alpha_peer,
+        "calibration": None if calibration is None else str(calibration),
+        "compute": None if compute is None else compute.as_dict(),
+        "load_average_before": os.getloadavg(),
+        "sources": {},
+    }
+    if "gpt_dgc" in sources:
+        options.setdefault("gpt_model", GPT_MODEL)
+    # ShareGPT shards of 16k tokens per rank, so that a rank's batch reaches 1% of cl100k
+    options.setdefault("max_tokens", max(2_000_000, 16_384 * max(nodes)))
+    for source in sources:
+        measured = measure_source(source, density, nodes, **options)
+        log.info("%s: sparsity of %d ranks in %.1f s", source, max(nodes), measured["measure_s"])
+        sweeps = {
+            rate: sweep_source(measured, NicNetwork.from_bits(b, alpha, alpha_peer), compute)
+            for rate, b in bits.items()
+        }
+        payload["sources"][source] = {**measured, "sweeps": sweeps}
+    payload["seconds"] = time.perf_counter() - started
+    payload["paper"] = {
+        "nodes": 16,
+        "claim": "Zen 5.09x OmniReduce / 2.82x SparCML communication, 16 nodes at 25 Gbit/s",
+    }
+    payload["json_path"] = str(write_json("zen_simulate", payload))
+    if plot:
+        payload["plot_path"] = str(plot_simulation(payload, results_dir() / "zen_simulate.png"))
+    return payload
+
+
+def plot_simulation(payload: Mapping[str, Any], path: Path) -> Path:
+    """Predicted seconds per sync against n, one panel per (source, rate), log-log."""
+    import matplotlib  # optional: [bench]
+
+    matplotlib.use("Agg")  # files only, no display; before pyplot is imported
+    import matplotlib.pyplot as plt  # optional: [bench]
+
+    sources = list(payload["sources"])
+    rates = list(payload["rates"])
+    fig, axes = plt.subplots(
+        len(sources), len(rates), figsize=(4.4 * len(rates), 3.3 * len(sources)), squeeze=False
+    )
+    colors = {scheme: f"C{i}" for i, scheme in enumerate(SCHEME_NAMES)}
+    for i, source in enumerate(sources):
+        for j, rate in enumerate(rates):
+            ax = axes[i, j]
+            sweep = payload["sources"][source]["sweeps"][rate]
+            for scheme, seconds in sweep["seconds"].items():
+                style = "o-" if scheme == "zen" else ".--"
+                ax.plot(sweep["nodes"], seconds, style, color=colors[scheme], label=scheme)
+            cross = sweep["crossover_2x"].get("agsparse")
+            if cross is not None:
+                ax.axvline(cross, color="grey", lw=0.8, ls=":")
+            where = f"Zen 2x AGsparse from n={cross}" if cross else "Zen never 2x AGsparse"
+            ax.set(
+                xscale="log",
+                yscale="log",
+                xlabel="nodes",
+                ylabel="seconds per sync",
+                title=f"{source}, {rate}\n{where}",
+            )
+            ax.set_xticks(sweep["nodes"], [str(n) for n in sweep["nodes"]])
+            ax.minorticks_off()
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- rank side
 
 
@@ -613,7 +759,38 @@ def _timed_once(fn: Any) -> float:
     return elapsed.item()
 
 
-def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict[str, Any]:
+A2A_SIZES = (256, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20)
+"""Bytes per peer of the timed all-to-alls that fit each job's network model."""
+ALLREDUCE_SIZES = (64 << 10, 1 << 20, 16 << 20)
+"""Bytes of the timed all-reduces that fit the ring's efficiency."""
+
+
+def _time_primitives(reps: int = 3) -> list[dict[str, Any]]:
+    """Dense all-to-alls and all-reduces of a few sizes: what the simulator's network is fitted to.
+
+    The fastest of ``reps`` calls counts (each call's slowest rank), the one
+    least disturbed by other work, as for the schemes.
+    """
+    n = dist.get_world_size()
+    out = []
+    for size in A2A_SIZES:
+        chunks = list(torch.zeros(size * n, dtype=torch.uint8).split(size))
+        best = min(
+            _timed_once(lambda c=chunks, r=[size] * n: collectives.all_to_all_v(c, recv_sizes=r))
+            for _ in range(reps)
+        )
+        out.append(vars(PrimitiveTiming("all_to_all", n, n - 1, float(size * (n - 1)), best)))
+    for size in ALLREDUCE_SIZES:
+        tensor = torch.zeros(size // 4)
+        best = min(_timed_once(lambda t=tensor: dist.all_reduce(t)) for _ in range(reps))
+        node_bytes = 2 * (n - 1) / n * size
+        out.append(vars(PrimitiveTiming("all_reduce", n, 2 * (n - 1), node_bytes, best)))
+    return out
+
+
+def _bench_cell(
+    cell: dict[str, Any], schemes: Sequence[str], reps: int, auto: AutoScheme | None = None
+) -> dict[str, Any]:
     """Every scheme on this cell's tensors: error vs dense, then ``reps`` rounds of timed calls.
 
     The schemes take turns within each round, so a load spike on the machine
@@ -625,8 +802,8 @@ def _bench_cell(cell: dict[str, Any], schemes: Sequence[str], reps: int) -> dict
     reference = tensor.to_dense()
     dist.all_reduce(reference)
     reference /= n
-    timed_auto = AutoScheme(profile_steps=2, criterion="time")
-    objects = {name: timed_auto if name == "auto" else make_scheme(name) for name in schemes}
+    auto = auto or AutoScheme(profile_steps=2, criterion="time")
+    objects = {name: auto if name == "auto" else make_scheme(name) for name in schemes}
     out: dict[str, Any] = {}
     for name, scheme in objects.items():
         result = sync_sparse(tensor, scheme, output="dense")  # warm-up
@@ -689,12 +866,21 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     data = torch.load(spec["inputs"])
     rank = dist.get_rank()
+    primitives = _time_primitives()
+    # `auto` chooses by the simulator: this job's network, the local work fitted on loopback
+    network = fit_network([PrimitiveTiming(**t) for t in primitives])
+    compute = None
+    if spec.get("compute"):
+        fitted = spec["compute"]
+        coefficients = {k: (v[0], v[1]) for k, v in fitted["coefficients"].items()}
+        compute = ComputeModel(coefficients, fitted["cores"])
     cells = {}
     for cell in data["cells"]:
         if rank == 0:
             print(f"[zen bench] {cell['key']}", file=sys.stderr, flush=True)
-        cells[cell["key"]] = _bench_cell(cell, spec["schemes"], spec["reps"])
-    out: dict[str, Any] = {"cells": cells}
+        auto = AutoScheme(profile_steps=2, criterion="model", network=network, compute=compute)
+        cells[cell["key"]] = _bench_cell(cell, spec["schemes"], spec["reps"], auto)
+    out: dict[str, Any] = {"cells": cells, "primitives": primitives}
     if data["train"] is not None and spec["train_iters"] > 0:
         out["train"] = _train_lstm(data["train"], spec["train_warmup"], spec["train_iters"])
     return out
