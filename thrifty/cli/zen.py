@@ -102,6 +102,7 @@ def zen_bench_table(payload: dict[str, Any]) -> Table:
         *schemes,
         "auto chose",
         "auto / best other",
+        "auto's choice / best",
         "zen vs agsparse",
         "zen vs dense",
         "zen vs omni",
@@ -129,6 +130,7 @@ def zen_bench_table(payload: dict[str, Any]) -> Table:
             *times,
             str(r.get("auto_chose") or "-"),
             ratio("auto_vs_best_scheme"),
+            ratio("auto_choice_vs_best"),
             ratio("speedup_vs_agsparse"),
             ratio("speedup_vs_dense"),
             ratio("speedup_vs_omnireduce"),
@@ -205,6 +207,14 @@ def zen_bench(
     for goal, result in payload["goals"].items():
         verdict = "holds" if result["holds"] else "NOT met"
         console.print(f"goal {goal}: {verdict} {_goal_detail(result)}")
+    simulator = payload.get("simulator") or {}
+    if "median_abs_error" in simulator:
+        console.print(
+            f"simulator vs these runs: median |error| {simulator['median_abs_error']:.1%}, "
+            f"{simulator['within_15pct']} of {simulator['predictions']} within 15% "
+            f"(local work from loopback; with the fitted compute model: median "
+            f"{simulator['compute_model']['median_abs_error']:.1%})"
+        )
     console.print(f"wrote {payload['json_path']} and {payload.get('plot_path')}")
 
 
