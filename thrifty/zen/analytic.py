@@ -111,6 +111,7 @@ class SparsityStats:
     block_union_density: float | None = None
     skewness: float = 1.0
     overlap: float | None = None
+    block_skew: tuple[float, float] | None = None  # OmniReduce owners: (push-in, pull-out)
 
     @property
     def gamma(self) -> float:
@@ -189,12 +190,14 @@ def measure_sparsity(
     mean = sum(s.numel() for s in index_sets) / n
     union = torch.unique(torch.cat(list(index_sets)))
     block_density = block_union_density = None
+    block_skew = None
     if rows_per_block:
         num_blocks = math.ceil(num_rows / rows_per_block)
-        block_density = (
-            sum(torch.unique(s // rows_per_block).numel() for s in index_sets) / n / num_blocks
-        )
-        block_union_density = torch.unique(union // rows_per_block).numel() / num_blocks
+        blocks = [torch.unique(s // rows_per_block) for s in index_sets]
+        block_density = sum(b.numel() for b in blocks) / n / num_blocks
+        union_blocks = torch.unique(union // rows_per_block)
+        block_union_density = union_blocks.numel() / num_blocks
+        block_skew = _owner_skew(blocks, union_blocks, num_blocks)
     skewness = 1.0
     if union.numel():
         part = torch.div(union * n, num_rows, rounding_mode="floor")
@@ -215,7 +218,30 @@ def measure_sparsity(
         block_union_density=block_union_density,
         skewness=skewness,
         overlap=sum(overlaps) / len(overlaps) if overlaps else None,
+        block_skew=block_skew,
     )
+
+
+def _owner_skew(
+    blocks: Sequence[Tensor], union_blocks: Tensor, num_blocks: int
+) -> tuple[float, float]:
+    """Busiest contiguous owner over the mean: blocks pushed to it, union blocks it sends.
+
+    OmniReduce-like owners take equal contiguous ranges of blocks
+    (:class:`~thrifty.zen.schemes.block_parallelism.ContiguousBlockParallelism`);
+    under skew the first owners receive most pushes and send most of the sum.
+    """
+    n = len(blocks)
+    bounds = torch.tensor([(p * num_blocks) // n for p in range(1, n + 1)], dtype=torch.int64)
+
+    def per_owner(ids: Tensor) -> Tensor:
+        return torch.bincount(torch.searchsorted(bounds, ids, right=True), minlength=n)
+
+    pushed = sum(per_owner(b) for b in blocks)
+    union = per_owner(union_blocks)
+    push = float(pushed.max()) * n / max(float(pushed.sum()), 1.0)  # type: ignore[union-attr]
+    pull = float(union.max()) * n / max(float(union.sum()), 1.0)
+    return push, pull
 
 
 def predict_wire_bytes(

@@ -98,6 +98,7 @@ def stats_record(stats: SparsityStats, push: float = 1.0, pull: float = 1.0) -> 
         "block_union_density": stats.block_union_density,
         "skewness": stats.skewness,
         "overlap": stats.overlap,
+        "block_skew": None if stats.block_skew is None else list(stats.block_skew),
         "push_imbalance": push,
         "pull_imbalance": pull,
     }
@@ -116,6 +117,7 @@ def stats_from_record(record: Mapping[str, Any], nodes: int | None = None) -> Sp
         block_union_density=record["block_union_density"],
         skewness=record["skewness"],
         overlap=record["overlap"],
+        block_skew=None if record.get("block_skew") is None else tuple(record["block_skew"]),
     )
 
 

@@ -246,11 +246,13 @@ def scheme_steps(
         f_bn = 1 - (1 - min(1.0, stats.gamma * d)) ** per_block
     block_entry = index_bytes + per_block * row
     skew = min(stats.skewness, float(n))
+    # Measured owner loads when the sets were there (measure_sparsity), else the union's skew.
+    push_skew, pull_skew = stats.block_skew or (skew, skew)
     mine = f_b * num_blocks * block_entry  # one node's non-zero blocks
     union = f_bn * num_blocks * block_entry
-    push_out = (n - 1) / n * mine * min(skew, n / max(n - 1, 1))
-    push_in = (n - 1) * mine / n * skew
-    pull_out = (n - 1) * union / n * skew
+    push_out = (n - 1) / n * mine * min(push_skew, n / max(n - 1, 1))
+    push_in = (n - 1) * mine / n * push_skew
+    pull_out = (n - 1) * union / n * pull_skew
     pull_in = (n - 1) / n * union
     return [
         *steps,
