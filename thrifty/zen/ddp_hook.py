@@ -26,9 +26,9 @@ ranks; ``tests/test_zen_ddp_hook.py`` checks the parts this hook relies on):
    became ready), so bucket indices are no key for per-tensor state: the
    hook keeps one scheme object per *parameter*, as ``GradientSync`` does
    (``AutoScheme`` profiles per tensor);
-6. without a hook, DDP over gloo averaged sparse gradients *twice* on torch
-   2.13: they came out as the sum divided by ``world_size ** 2`` (dense ones
-   by ``world_size``). This hook returns the plain mean;
+6. without a hook, DDP over gloo averages sparse gradients correctly (the
+   sum over ranks / ``world_size``, checked on 2 and 3 ranks with torchrun):
+   the hook's mean is what users already get on gloo;
 7. a sparse parameter that some rank did not use in a step makes DDP itself
    fail before any hook runs ("Expected sparse gradient to be defined", with
    ``find_unused_parameters=True`` too): for such models use
