@@ -68,8 +68,17 @@ def _zen_bench(results: Path, *rates: str) -> dict[str, Any]:
 
 
 def test_zen_bench_on_plain_loopback(tmp_path: Path) -> None:
-    """``--rates loopback``: both ranks on the plain loopback, no rate limit, no root."""
-    _zen_bench(tmp_path, "loopback")
+    """``--rates loopback``: both ranks on the plain loopback, no rate limit, no root.
+
+    Where the emulated NICs are available, the test below runs this same loopback
+    job before its 1 Gbit/s one, so this one would only repeat it.
+    """
+    try:
+        netem.check_available()
+    except netem.NetemUnavailable:
+        _zen_bench(tmp_path, "loopback")
+    else:
+        pytest.skip("covered by test_zen_bench_on_emulated_nics (loopback, then 1 Gbit/s)")
 
 
 @pytest.mark.netem
@@ -90,12 +99,16 @@ def test_zen_bench_on_emulated_nics(tmp_path: Path) -> None:
     dense = [row["seconds"]["dense"] for row in payload["summary"] if row["rate"] == "1gbit"]
     assert min(dense) > 0.1, dense  # 4M fp32 rows at 1 Gbit/s: the limit is real
     simulator = payload["simulator"]
-    # gloo over TCP reaches 40-80 MB/s of the 125 on this machine (its 2 cores do the TCP work)
-    assert 0.2 * 125e6 < simulator["networks"]["1gbit/2"]["rate"] < 1.2 * 125e6
+    # The fitted rate is of the NIC's order (tbf's burst lets a few MB pass faster; gloo's
+    # TCP on 2 shared cores reaches less), far below the plain loopback's.
+    fitted = simulator["networks"]["1gbit/2"]["rate"]
+    loopback = payload["runs"]["loopback/2"]["primitives"][-1]  # the largest all-reduce
+    assert 0.2 * 125e6 < fitted < 2 * 125e6
+    assert loopback["node_bytes"] / loopback["seconds"] > 2 * 125e6 > fitted
     predicted = {(r["density"], r["scheme"]) for r in simulator["rows"]}
-    assert predicted == {
-        (d, s) for d in (0.001, 0.01) for s in ("dense", "agsparse", "zen", "auto")
-    }
+    # auto is predicted as its choice, when the choice also ran as a fixed scheme
+    fixed = {(d, s) for d in (0.001, 0.01) for s in ("dense", "agsparse", "zen")}
+    assert fixed <= predicted <= fixed | {(0.001, "auto"), (0.01, "auto")}
     assert all(r["predicted_s"] > 0 for r in simulator["rows"])
 
 
@@ -124,14 +137,14 @@ def test_marconi_simulate_two_policies_two_sizes_in_worker_processes(tmp_path: P
 
 
 def test_zen_simulate_sweeps_real_sparsity_and_reports_crossovers(tmp_path: Path) -> None:
-    """``thrifty zen simulate`` at a small setting: two sources, two rates, n up to 16."""
+    """``thrifty zen simulate`` at a small setting: two sources, two rates, n up to 8."""
     out = _thrifty(
         tmp_path,
         "zen",
         "simulate",
         "--sources=deepfm,uniform",
         "--density=1%",
-        "--nodes=2,4,8,16",
+        "--nodes=2,4,8",
         "--rates=1gbit,25gbit",
     )
     payload = json.loads((tmp_path / "zen_simulate.json").read_text())
@@ -139,7 +152,7 @@ def test_zen_simulate_sweeps_real_sparsity_and_reports_crossovers(tmp_path: Path
     for source, data in payload["sources"].items():
         assert set(data["sweeps"]) == {"1gbit", "25gbit"}
         for sweep in data["sweeps"].values():
-            assert sweep["nodes"] == [2, 4, 8, 16]
+            assert sweep["nodes"] == [2, 4, 8]
             assert set(sweep["seconds"]) == {"dense", "agsparse", "sparcml", "omnireduce", "zen"}
             assert all(t > 0 for times in sweep["seconds"].values() for t in times)
             # uniform rows barely overlap: gamma(n) ~ n, so Zen never gets 2x AGsparse there
