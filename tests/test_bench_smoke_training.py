@@ -1,7 +1,8 @@
 """Every benchmark command runs end to end at its smallest setting (real ranks, real processes).
 
-Each command gets at least two configurations where it takes a list: the
-``compress bench`` crash this guards against happened on the second one. The
+Each command gets at least two configurations (or operating points) where it
+takes a list: the ``compress bench`` crash this guards against happened on the
+second one. The
 plain-loopback runs need nothing special; the emulated-rate run (network
 namespaces, ``tc``) is marked ``netem`` and skips without root or iproute2.
 Results go to a temporary directory (``THRIFTY_RESULTS``), never to ``results/``.
@@ -18,8 +19,10 @@ import pytest
 from typer.testing import CliRunner
 
 from thrifty.bench import netem
+from thrifty.bench.operating_points import GPU_LIKE_S
 from thrifty.bench.training import (
     BASELINE,
+    COMPUTE_BOUND,
     HOOK,
     LAYERWISE,
     TrainingResult,
@@ -54,11 +57,15 @@ def load(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def assert_timed(rows: list[dict[str, Any]], iters: int) -> None:
+def assert_timed(rows: list[dict[str, Any]], iters: int, repeats: int = 1) -> None:
     for row in rows:
         assert math.isfinite(row["iteration_s"]) and row["iteration_s"] > 0, row["label"]
-        assert len(row["times"]) == iters and all(t > 0 for t in row["times"]), row["label"]
-        assert row["wire_bytes_per_iter"] > 0, row["label"]
+        assert len(row["times"]) == iters * repeats, row["label"]
+        assert all(t > 0 for t in row["times"]), row["label"]
+        assert len(row["repeats_s"]) == repeats, row["label"]
+        assert min(row["repeats_s"]) <= row["iteration_s"] <= max(row["repeats_s"])
+        # The compute bound sends nothing; every other row sends its gradients.
+        assert (row["wire_bytes_per_iter"] > 0) == (row["kind"] != "local"), row["label"]
 
 
 def test_compress_bench(results: Path) -> None:
@@ -75,13 +82,19 @@ def test_compress_bench(results: Path) -> None:
         "2",
         "--iters",
         "2",
+        "--points",
+        "heavy",
+        "--repeats",
+        "1",
     )
     assert "fp16 whole" in output and "topk layerwise" in output
     doc = load(results / "compress_digits.json")
     assert (results / "compress_digits.png").stat().st_size > 0
     rows = doc["runs"]["loopback"]["rows"]
     assert [r["label"] for r in rows] == [
+        COMPUTE_BOUND,
         "DDP fp32",
+        "DDP fp16_compress_hook",
         "DDP powerSGD_hook r4",
         "fp16 layerwise",
         "fp16 whole",
@@ -97,6 +110,7 @@ def test_compress_bench(results: Path) -> None:
     assert ddp == 4 * doc["runs"]["loopback"]["meta"]["parameters"]
     assert by["fp16 layerwise"]["wire_bytes_per_iter"] == pytest.approx(ddp / 2, rel=0.01)
     assert by["fp16 whole"]["wire_bytes_per_iter"] == pytest.approx(ddp / 2, rel=0.01)
+    assert by["DDP fp16_compress_hook"]["wire_bytes_per_iter"] == pytest.approx(ddp / 2, rel=0.01)
     assert by["DDP powerSGD_hook r4"]["wire_bytes_per_iter"] < ddp / 4
     assert by["topk whole"]["wire_bytes_per_iter"] < ddp / 10
     assert by["DDP fp32"]["speedup_vs_ddp"] == 1.0
@@ -114,23 +128,42 @@ def test_mergecomp_bench(results: Path) -> None:
         "--rate",
         "loopback",
         "--compressors",
-        "dgc,efsignsgd",
+        "dgc",
         "--warmup",
-        "2",
+        "1",
         "--iters",
+        "2",
+        "--points",
+        "heavy,gpu-like",
+        "--repeats",
         "2",
     )
     doc = load(results / "mergecomp_digits.json")
     assert (results / "mergecomp_digits.png").stat().st_size > 0
-    rows = doc["runs"]["loopback"]["rows"]
-    assert [r["label"] for r in rows] == ["DDP fp32"] + [
-        f"{c} {p}" for c in ("dgc", "efsignsgd") for p in ("layerwise", "whole", "mergecomp")
+    points = {p["name"]: p for p in doc["settings"]["points"]}
+    assert list(points) == ["heavy", "gpu-like"] and list(doc["runs"]) == [
+        "heavy loopback",
+        "gpu-like loopback",
     ]
-    assert_timed(rows, iters=2)
-    for row in (r for r in rows if r["family"] == "MergeComp"):
-        assert row["search_iterations"] > 0 and row["search_s"] > 0
-        assert sum(row["extra"]["chosen_lengths"]) == DIGITS_TENSORS
-        assert row["groups"] == len(row["extra"]["chosen_lengths"])
+    # The GPU-like batch is the largest probed one within the compute target.
+    gpu = points["gpu-like"]
+    fitting = [b for b, s in gpu["probes"] if s <= GPU_LIKE_S[1]]
+    assert gpu["batch"]["batch_size"] == max(fitting) and gpu["compute_s"] > 0
+    for key, run_ in doc["runs"].items():
+        rows = run_["rows"]
+        assert run_["meta"]["batch"] == points[key.split()[0]]["batch"]
+        assert [r["label"] for r in rows] == [
+            COMPUTE_BOUND,
+            "DDP fp32",
+            "DDP fp16_compress_hook",
+            "DDP powerSGD_hook r4",
+        ] + [f"dgc {p}" for p in ("layerwise", "whole", "mergecomp")]
+        assert_timed(rows, iters=2, repeats=2)
+        for row in (r for r in rows if r["family"] == "MergeComp"):
+            # It searched once; the second repetition timed the plan it chose.
+            assert row["search_iterations"] > 0 and row["search_s"] > 0
+            assert sum(row["extra"]["chosen_lengths"]) == DIGITS_TENSORS
+            assert row["groups"] == len(row["extra"]["chosen_lengths"])
 
 
 def test_bytecomp_bench(results: Path) -> None:
@@ -149,16 +182,28 @@ def test_bytecomp_bench(results: Path) -> None:
         "2",
         "--calibration",
         "0",
+        "--points",
+        "gpu-like",
+        "--repeats",
+        "1",
     )
     assert "ByteComp" in output
     doc = load(results / "bytecomp.json")
     assert (results / "bytecomp.png").stat().st_size > 0
     rows = doc["runs"]["1x2 digits"]["rows"]
-    assert [r["label"] for r in rows] == ["DDP fp32", "DDP powerSGD_hook r4"] + [
-        f"{c} {s}" for c in ("randomk", "dgc") for s in ("uniform", "MergeComp", "bytecomp")
+    assert doc["runs"]["1x2 digits"]["meta"]["point"] == "gpu-like"
+    assert [r["label"] for r in rows] == [
+        COMPUTE_BOUND,
+        "DDP fp32",
+        "DDP fp16_compress_hook",
+        "DDP powerSGD_hook r4",
+    ] + [
+        f"{c} {s}"
+        for c in ("randomk", "dgc")
+        for s in ("layerwise", "whole", "uniform", "MergeComp", "bytecomp")
     ]
     assert_timed(rows, iters=2)
-    for row in rows[2:]:
+    for row in rows[4:]:
         assert row["predicted_s"] > 0 and math.isfinite(row["prediction_error"])
     for row in (r for r in rows if r["family"] == "ByteComp"):
         assert math.isfinite(row["bound_s"]) and row["bound_s"] > 0
@@ -283,11 +328,15 @@ def test_emulated_rates(results: Path) -> None:
         "2",
         "--iters",
         "2",
+        "--points",
+        "heavy",
+        "--repeats",
+        "1",
     )
     runs = load(results / "compress_digits.json")["runs"]
     assert list(runs) == ["1gbit", "200mbit"]
     for run_ in runs.values():
-        assert len(run_["rows"]) == 4
+        assert len(run_["rows"]) == 6
         assert_timed(run_["rows"], iters=2)
     run(
         "bytecomp",
@@ -304,9 +353,13 @@ def test_emulated_rates(results: Path) -> None:
         "2",
         "--calibration",
         "0",
+        "--points",
+        "heavy",
+        "--repeats",
+        "1",
     )
     rows = load(results / "bytecomp.json")["runs"]["2x1 digits"]["rows"]
-    assert len(rows) == 2 + 3
+    assert len(rows) == 4 + 5
     assert_timed(rows, iters=2)
 
 

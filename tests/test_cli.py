@@ -68,6 +68,8 @@ def test_benchmark_flags_with_bad_values_are_blamed_by_name() -> None:
         (["compress", "bench", "--rate", "loopback", "--model", "resnet"], "--model"),
         (["compress", "bench", "--rate", "fast"], "--rate"),
         (["compress", "bench", "--rate", "loopback", "--iters", "0"], "--iters"),
+        (["compress", "bench", "--rate", "loopback", "--points", "tpu"], "--points"),
+        (["mergecomp", "bench", "--rate", "loopback", "--repeats", "0"], "--repeats"),
         (["compress", "bench-kernels", "--compressors", "nope"], "--compressors"),
         (["mergecomp", "bench", "--rate", "loopback", "--mode", "greedy"], "--mode"),
         (["mergecomp", "bench", "--rate", "loopback", "--compressors", "nope"], "--compressors"),

@@ -175,10 +175,10 @@ def test_ctrl_c_stops_zen_bench_on_an_emulated_cluster(tmp_path: Path, can_emula
 def test_sigterm_stops_compress_bench_and_keeps_finished_rows(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", CLI, "compress", "bench", "--model", "digits"]
     argv += ["--workers", "2", "--rate", "loopback", "--compressors", "topk"]
-    argv += ["--warmup", "0", "--iters", "300"]
+    argv += ["--warmup", "0", "--iters", "300", "--points", "heavy", "--repeats", "1"]
     cmd = Command(argv, _env(tmp_path))
     # rank 0's progress bar counts the configurations done: wait for the first.
-    cmd.wait_for(lambda: "1/4" in cmd.text, 60, "the first configuration's row")
+    cmd.wait_for(lambda: "1/6" in cmd.text, 60, "the first configuration's row")
     elapsed, children = cmd.interrupt(signal.SIGTERM)
 
     assert cmd.proc.returncode == 143, cmd.text
@@ -188,8 +188,8 @@ def test_sigterm_stops_compress_bench_and_keeps_finished_rows(tmp_path: Path) ->
     doc = json.loads((tmp_path / "compress_digits.json").read_text())
     assert doc["partial"] is True and doc["interrupted_by"] == "SIGTERM"
     rows = doc["runs"]["loopback"]["rows"]
-    assert 1 <= len(rows) < 4
-    assert rows[0]["kind"] == "ddp"
+    assert 1 <= len(rows) < 6
+    assert rows[0]["kind"] == "local"  # the compute bound comes first
     assert "interrupted by SIGTERM: wrote partial results to" in cmd.text
 
 

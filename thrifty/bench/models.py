@@ -34,6 +34,7 @@ __all__ = [
     "count_parameters",
     "load_digits_split",
     "train_digits_shard",
+    "training_loss",
 ]
 
 
@@ -383,3 +384,13 @@ def build_model(name: str, **kwargs: object) -> nn.Module:
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     """Number of parameters; shared (tied) tensors count once."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def training_loss(
+    model_name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """The loss of one of this module's models (by :data:`MODEL_NAMES` name) on ``batch``."""
+    x, y = batch
+    if model_name == "gpt":
+        return model(x, y)[1]
+    return F.cross_entropy(model(x), y)

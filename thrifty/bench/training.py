@@ -50,7 +50,6 @@ from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powerSGD
@@ -59,7 +58,8 @@ from tqdm import tqdm
 
 from thrifty.bench import netem
 from thrifty.bench.launch import run_ranks
-from thrifty.bench.models import MODEL_NAMES, build_model, count_parameters
+from thrifty.bench.models import MODEL_NAMES, build_model, count_parameters, training_loss
+from thrifty.bench.operating_points import BATCH, operating_points
 from thrifty.bench.results import (
     interrupted_by,
     note_partial,
@@ -76,6 +76,7 @@ from thrifty.sync.timeline import simulate
 __all__ = [
     "BASELINE",
     "BATCH",
+    "COMPUTE_BOUND",
     "DEFAULT_OPTIONS",
     "HOOKS",
     "LOOPBACK",
@@ -85,6 +86,7 @@ __all__ = [
     "TrainingRun",
     "check_rates",
     "compression_configurations",
+    "compute_bound",
     "count_wire_bytes",
     "ddp",
     "ddp_hook",
@@ -115,14 +117,10 @@ DEFAULT_OPTIONS: dict[str, dict[str, Any]] = {
     "dgc": {"ratio": 0.01},
     "powersgd": {"rank": 4},
 }
-BATCH: dict[str, dict[str, int]] = {
-    "cnn": {"batch_size": 16},
-    "gpt": {"batch_size": 4, "seq_len": 128},
-    "digits": {"batch_size": 64},
-}
 
 # Legend entries ("families") of the plots; a system's benchmark adds its own.
 BASELINE = "PyTorch DDP fp32"
+COMPUTE_BOUND = "compute bound (no communication)"
 HOOK = "PyTorch DDP + comm hook"
 LAYERWISE = "thrifty layer-wise"
 WHOLE = "thrifty whole-model"
@@ -140,7 +138,7 @@ POWERSGD_START_ITER = 2
 # An online planner (MergeComp's search) gets at most this many iterations to choose.
 MAX_SEARCH_ITERATIONS = 100
 
-Kind = Literal["ddp", "ddp_hook", "sync"]
+Kind = Literal["ddp", "ddp_hook", "sync", "local"]
 
 
 # --------------------------------------------------------------------------- configurations
@@ -154,8 +152,9 @@ class Configuration:
 
     Args:
         label: the row's name in tables and plots.
-        kind: ``"ddp"`` (PyTorch DDP fp32), ``"ddp_hook"`` (DDP with ``hook``)
-            or ``"sync"`` (thrifty's GradientSync).
+        kind: ``"ddp"`` (PyTorch DDP fp32), ``"ddp_hook"`` (DDP with ``hook``),
+            ``"sync"`` (thrifty's GradientSync) or ``"local"`` (no
+            communication at all: the compute bound, :func:`compute_bound`).
         family: the plot's legend entry (bars of one family share a colour).
         hook: a :data:`HOOKS` name, for ``kind="ddp_hook"``.
         compressor: registry name or None (fp32), for ``kind="sync"``.
@@ -185,8 +184,10 @@ class Configuration:
     summarize: Callable[[Any], dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ddp", "ddp_hook", "sync"):
-            raise ValueError(f"kind must be 'ddp', 'ddp_hook' or 'sync', got {self.kind!r}")
+        if self.kind not in ("ddp", "ddp_hook", "sync", "local"):
+            raise ValueError(
+                f"kind must be 'ddp', 'ddp_hook', 'sync' or 'local', got {self.kind!r}"
+            )
         if self.kind == "ddp_hook" and self.hook not in HOOKS:
             raise ValueError(f"unknown DDP hook {self.hook!r}; expected one of {list(HOOKS)}")
         if self.compressor is not None and self.compressor not in available_compressors():
@@ -200,6 +201,15 @@ class Configuration:
 def ddp() -> Configuration:
     """PyTorch DDP, fp32 all-reduce: the baseline every row is compared with."""
     return Configuration("DDP fp32", kind="ddp", family=BASELINE)
+
+
+def compute_bound() -> Configuration:
+    """Every rank trains on its own, no communication: the best any plan could do.
+
+    All ranks run it at once, so their cores are shared as in training: the
+    bound is "the same job with a free network", not an idle machine's time.
+    """
+    return Configuration(COMPUTE_BOUND, kind="local", family=COMPUTE_BOUND)
 
 
 def ddp_hook(name: str) -> Configuration:
@@ -244,10 +254,10 @@ def gradient_sync(
 def compression_configurations(
     compressors: Sequence[str],
     plans: Sequence[str | Plan | Planner] = ("layerwise", "whole"),
-    hooks: Sequence[str] = ("powersgd",),
+    hooks: Sequence[str] = ("fp16", "powersgd"),
 ) -> list[Configuration]:
-    """DDP fp32, DDP with each hook, then GradientSync with each plan per compressor."""
-    configs = [ddp(), *(ddp_hook(h) for h in hooks)]
+    """The compute bound, DDP fp32, DDP with each hook, then each plan per compressor."""
+    configs = [compute_bound(), ddp(), *(ddp_hook(h) for h in hooks)]
     configs += [gradient_sync(name, plan) for name in compressors for plan in plans]
     return configs
 
@@ -260,8 +270,10 @@ class TrainingRow:
     """One configuration's measurement (the same on every rank except ``times``).
 
     Attributes:
-        iteration_s: median seconds per timed iteration, of the slowest rank.
-        times: this rank's timed iterations (rank 0's in results), seconds.
+        iteration_s: median seconds per timed iteration, of the slowest rank;
+            with several repetitions, the median of their ``repeats_s``.
+        times: this rank's timed iterations (rank 0's in results), seconds,
+            every repetition's in turn.
         wire_bytes_per_iter: see :func:`wire_bytes_per_iter`.
         plan: the plan that was timed, described (GradientSync only).
         groups: its number of groups.
@@ -272,6 +284,8 @@ class TrainingRow:
         speedup_vs_ddp: DDP fp32's iteration time over this one's.
         prediction_error: ``(predicted - measured) / measured``.
         extra: a system's own columns.
+        repeats_s: each repetition's iteration time (slowest rank's median);
+            their min and max are the spread a table reports.
     """
 
     label: str
@@ -290,9 +304,22 @@ class TrainingRow:
     speedup_vs_ddp: float | None = None
     prediction_error: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    repeats_s: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def spread(self) -> tuple[float, float]:
+        """The fastest and slowest repetition, seconds per iteration."""
+        values = self.repeats_s or [self.iteration_s]
+        return min(values), max(values)
+
+    def add_repeat(self, other: TrainingRow) -> None:
+        """Fold in a later repetition of the same configuration."""
+        self.repeats_s.append(other.iteration_s)
+        self.times.extend(other.times)
+        self.iteration_s = statistics.median(self.repeats_s)
+        self.wire_bytes_per_iter = other.wire_bytes_per_iter
 
     @classmethod
     def from_dict(cls, doc: Mapping[str, Any]) -> TrainingRow:
@@ -389,28 +416,24 @@ class TrainingResult:
 # --------------------------------------------------------------------------- one rank's work
 
 
-def training_loss(
-    model_name: str, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]
-) -> torch.Tensor:
-    """The loss of one of :mod:`thrifty.bench.models`' models on ``batch``."""
-    x, y = batch
-    if model_name == "gpt":
-        return model(x, y)[1]
-    return F.cross_entropy(model(x), y)
-
-
 def profile_training_model(
-    model_name: str, strategies: Sequence[Strategy], world_size: int
+    model_name: str,
+    strategies: Sequence[Strategy],
+    world_size: int,
+    batch_size: Mapping[str, int] | None = None,
 ) -> Profile:
     """Profile ``model_name`` here (no communication), with each strategy's compression cost.
 
     The timeline's predictions price plans with this profile. Call it on every
-    rank at once, so that the cores are as busy as in training.
+    rank at once, so that the cores are as busy as in training, and at the
+    batch (``batch_size``: an operating point's, default :data:`BATCH`'s) that
+    is timed.
     """
     torch.manual_seed(0)
     model = build_model(model_name)
     batch = model.example_batch(
-        **BATCH[model_name], generator=torch.Generator().manual_seed(dist.get_rank())
+        **(batch_size or BATCH[model_name]),
+        generator=torch.Generator().manual_seed(dist.get_rank()),
     )
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     return profile_model(
@@ -426,6 +449,8 @@ def profile_training_model(
 
 def _wrap(config: Configuration, model: nn.Module) -> tuple[nn.Module, GradientSync | None]:
     """The module to train and, for thrifty configurations, its GradientSync."""
+    if config.kind == "local":
+        return model, None
     if config.kind == "ddp":
         return DDP(model), None
     if config.kind == "ddp_hook":
@@ -515,14 +540,16 @@ def count_wire_bytes(config: Configuration) -> Iterator[collectives.CommLedger]:
 def _time_one(
     config: Configuration,
     model_name: str,
+    batch_size: Mapping[str, int],
     warmup: int,
     iters: int,
     predict: Callable[[Plan], float] | None,
-) -> TrainingRow:
+) -> tuple[TrainingRow, Plan | None]:
+    """One configuration's row, and the plan its GradientSync ran (None for DDP)."""
     rank, n = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
     model = build_model(model_name)
-    batch = model.example_batch(**BATCH[model_name], generator=torch.Generator().manual_seed(rank))
+    batch = model.example_batch(**batch_size, generator=torch.Generator().manual_seed(rank))
     wrapped, sync = _wrap(config, model)
     opt = torch.optim.SGD(wrapped.parameters(), lr=1e-3, momentum=0.9)
 
@@ -565,15 +592,18 @@ def _time_one(
         bound_s=config.bound_s,
         extra=dict(config.extra),
     )
+    row.repeats_s = [row.iteration_s]
+    plan = None
     if sync is not None:
-        row.plan = sync.plan.describe()[:200]
-        row.groups = len(sync.plan.groups)
+        plan = sync.plan
+        row.plan = plan.describe()[:200]
+        row.groups = len(plan.groups)
         if row.predicted_s is None and predict is not None:
-            row.predicted_s = predict(sync.plan)
+            row.predicted_s = predict(plan)
         sync.remove()
     if config.summarize is not None and rank == 0:
         row.extra.update(config.summarize(config.plan))
-    return row
+    return row, plan
 
 
 def time_configurations(
@@ -582,6 +612,8 @@ def time_configurations(
     warmup: int = 3,
     iters: int = 4,
     *,
+    batch_size: Mapping[str, int] | None = None,
+    repeats: int = 1,
     predict: Callable[[Plan], float] | None = None,
     progress: bool = True,
     on_row: Callable[[TrainingRow], None] | None = None,
@@ -589,25 +621,49 @@ def time_configurations(
     """Time every configuration in turn on this process group (call on every rank).
 
     Each configuration trains a fresh ``model_name`` (same seed, a different
-    batch per rank) with SGD; ``predict`` prices the plan a GradientSync ran.
-    Every rank returns the rows (``times`` are its own); ``on_row`` sees each
-    row as soon as it is measured, so that an interrupted run keeps it.
+    batch per rank, of ``batch_size``: default :data:`BATCH`'s) with SGD;
+    ``predict`` prices the plan a GradientSync ran. With ``repeats`` > 1 the
+    whole list is timed that many times in interleaved rounds, so that a slow
+    spell of the machine spreads over every configuration instead of landing
+    on one; a planner searches in the first round only, and later rounds time
+    the plan it chose. Every rank returns the rows (``times`` are its own);
+    ``on_row`` sees each row as it is measured or updated, so that an
+    interrupted run keeps it.
     """
-    if warmup < 0 or iters < 1:
-        raise ValueError(f"need warmup >= 0 and iters >= 1, got warmup={warmup}, iters={iters}")
+    if warmup < 0 or iters < 1 or repeats < 1:
+        raise ValueError(
+            "need warmup >= 0, iters >= 1 and repeats >= 1, "
+            f"got warmup={warmup}, iters={iters}, repeats={repeats}"
+        )
+    batch_size = dict(batch_size or BATCH[model_name])
+    rounds = [list(configs)]
     bar = tqdm(
-        configs,
-        desc=model_name,
+        total=len(configs) * repeats,
+        desc=f"{model_name} {batch_size}",
         disable=not progress or dist.get_rank() != 0,
         file=sys.stderr,
         leave=False,
     )
-    rows = []
-    for config in bar:
-        bar.set_postfix_str(config.label)
-        rows.append(_time_one(config, model_name, warmup, iters, predict))
-        if on_row is not None:
-            on_row(rows[-1])
+    rows: list[TrainingRow] = []
+    for repeat in range(repeats):
+        later = []
+        for i, config in enumerate(rounds[-1]):
+            bar.set_postfix_str(f"{config.label} ({repeat + 1}/{repeats})")
+            row, plan = _time_one(config, model_name, batch_size, warmup, iters, predict)
+            if repeat == 0:
+                rows.append(row)
+            else:
+                rows[i].add_repeat(row)
+            # A planner's choice is a fixed Plan from now on (the same on every rank).
+            fixed = plan is not None and not isinstance(config.plan, str | Plan)
+            later.append(
+                dataclasses.replace(config, plan=plan, summarize=None) if fixed else config
+            )
+            bar.update()
+            if on_row is not None:
+                on_row(rows[i])
+        rounds.append(later)
+    bar.close()
     return rows
 
 
@@ -618,15 +674,18 @@ def _rank_benchmark(
     iters: int,
     network: dict[str, Any] | None,
     rows_file: str | None = None,
+    batch_size: dict[str, int] | None = None,
+    repeats: int = 1,
 ) -> dict[str, Any]:
-    """Every rank of one rate's run: profile (when a network model is known), then time.
+    """Every rank of one run (rate, operating point): profile when a network is known, then time.
 
     Rank 0 appends each row to ``rows_file`` (JSON lines) as it is measured:
     what the driver keeps when the run is interrupted.
     """
     n = dist.get_world_size()
     meta: dict[str, Any] = {
-        "parameters": count_parameters(build_model(model_name), trainable_only=True)
+        "parameters": count_parameters(build_model(model_name), trainable_only=True),
+        "batch": dict(batch_size or BATCH[model_name]),
     }
     predict = None
     if network is not None:
@@ -636,7 +695,7 @@ def _rank_benchmark(
             for c in configs
             if c.kind == "sync" and not isinstance(c.plan, Plan)
         ]
-        profile = profile_training_model(model_name, strategies, n)
+        profile = profile_training_model(model_name, strategies, n, batch_size)
         meta["profile"] = profile.to_dict()
 
         def predict(plan: Plan) -> float:
@@ -649,7 +708,16 @@ def _rank_benchmark(
             with open(rows_file, "a") as out:
                 out.write(json.dumps(row.to_dict()) + "\n")
 
-    rows = time_configurations(model_name, configs, warmup, iters, predict=predict, on_row=on_row)
+    rows = time_configurations(
+        model_name,
+        configs,
+        warmup,
+        iters,
+        batch_size=batch_size,
+        repeats=repeats,
+        predict=predict,
+        on_row=on_row,
+    )
     return TrainingRun(rows, meta).to_dict() if dist.get_rank() == 0 else {}
 
 
@@ -677,6 +745,8 @@ def _worker(spec: dict[str, Any]) -> dict[str, Any]:
         spec["iters"],
         spec["network"],
         spec.get("rows_file"),
+        spec.get("batch"),
+        spec.get("repeats", 1),
         timeout=spec["timeout"],
     )[0]
 
@@ -713,12 +783,17 @@ def run_training_benchmark(
     warmup: int = 3,
     iters: int = 4,
     *,
+    points: Sequence[str] = ("heavy",),
+    repeats: int = 1,
     title: str | None = None,
     network_json: str | Path | None = None,
     plot: bool = True,
     timeout: float = 3600.0,
 ) -> TrainingResult:
-    """Time ``configs`` on ``workers`` local ranks at each rate; write JSON (+ PNG).
+    """Time ``configs`` on ``workers`` local ranks at each rate and point; write JSON (+ PNG).
+
+    One job per (operating point, rate); its run's key is the rate, or
+    ``"<point> <rate>"`` when several points are asked for.
 
     Args:
         name: the result's file name (``results/<name>.json``).
@@ -729,6 +804,12 @@ def run_training_benchmark(
         warmup: untimed iterations per configuration (the PowerSGD hook's are
             at least ``POWERSGD_START_ITER``, so that it compresses when timed).
         iters: timed iterations per configuration.
+        points: operating points (:data:`thrifty.bench.operating_points.POINTS`):
+            ``"heavy"`` (the default batch) and/or ``"gpu-like"`` (a batch whose
+            one-rank compute is 50-150 ms here, chosen by measurement before
+            the jobs start and recorded in the settings).
+        repeats: interleaved repetitions of the whole list (see
+            :func:`time_configurations`); rows report the median and spread.
         network_json: fitted network models (default ``results/collectives.json``)
             for the timeline's predictions.
     """
@@ -738,9 +819,14 @@ def run_training_benchmark(
         raise ValueError(
             "configs must include the DDP fp32 baseline (thrifty.bench.training.ddp())"
         )
-    if workers < 1:
-        raise ValueError(f"workers must be >= 1, got {workers}")
+    if workers < 1 or repeats < 1:
+        raise ValueError(f"workers and repeats must be >= 1, got {workers} and {repeats}")
     check_rates(rates)
+    resolved = operating_points(model, points)
+    for point in resolved:
+        log.info(
+            "operating point %s: batch %s, %.3f s compute", point.name, point.batch, point.compute_s
+        )
     network_json = Path(network_json or results_dir() / "collectives.json")
     result = TrainingResult(
         name,
@@ -750,36 +836,43 @@ def run_training_benchmark(
             "model": model,
             "workers": workers,
             "batch": BATCH[model],
+            "points": [p.to_dict() for p in resolved],
             "warmup": warmup,
             "iters": iters,
+            "repeats": repeats,
             "rates": list(rates),
         },
     )
     with tempfile.TemporaryDirectory(prefix="thrifty-rows-") as tmp:
         rows_file = Path(tmp) / "rows.jsonl"
-        rate = None
+        key = None
         try:
-            for rate in rates:
-                network = _fitted_network(rate, network_json)
-                spec = {
-                    "workers": workers,
-                    "model": model,
-                    "configs": encode_objects(list(configs)),
-                    "warmup": warmup,
-                    "iters": iters,
-                    "network": None if network is None else network.to_dict(),
-                    "timeout": timeout,
-                    "rows_file": str(rows_file),
-                }
-                rows_file.unlink(missing_ok=True)
-                doc = netem.run_worker(rate, "thrifty.bench.training", spec)
-                result.runs[rate] = TrainingRun.from_dict(doc)
-                result.runs[rate].compare()
+            for point in resolved:
+                for rate in rates:
+                    key = rate if len(resolved) == 1 else f"{point.name} {rate}"
+                    network = _fitted_network(rate, network_json)
+                    spec = {
+                        "workers": workers,
+                        "model": model,
+                        "configs": encode_objects(list(configs)),
+                        "warmup": warmup,
+                        "iters": iters,
+                        "network": None if network is None else network.to_dict(),
+                        "timeout": timeout,
+                        "rows_file": str(rows_file),
+                        "batch": point.batch,
+                        "repeats": repeats,
+                    }
+                    rows_file.unlink(missing_ok=True)
+                    doc = netem.run_worker(rate, "thrifty.bench.training", spec)
+                    result.runs[key] = TrainingRun.from_dict(doc)
+                    result.runs[key].meta.update(point=point.name, rate=rate)
+                    result.runs[key].compare()
         except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: keep the rows measured so far
             rows = _rows_so_far(rows_file)
-            if rate is not None and rate not in result.runs and rows:
-                result.runs[rate] = TrainingRun(rows, {"partial": True})
-                result.runs[rate].compare()
+            if key is not None and key not in result.runs and rows:
+                result.runs[key] = TrainingRun(rows, {"partial": True})
+                result.runs[key].compare()
             result.interrupted_by = interrupted_by(exc)
             note_partial(exc, result.write())
             raise
@@ -790,13 +883,17 @@ def run_training_benchmark(
 
 
 def _rows_so_far(rows_file: Path) -> list[TrainingRow]:
-    """The rows rank 0 finished before an interrupt (a half-written last line is dropped)."""
-    rows = []
+    """The rows rank 0 finished before an interrupt (a half-written last line is dropped).
+
+    A row rewritten by a later repetition replaces its earlier line.
+    """
+    rows: dict[str, TrainingRow] = {}
     with contextlib.suppress(OSError):
         for line in rows_file.read_text().splitlines():
             with contextlib.suppress(ValueError, TypeError):
-                rows.append(TrainingRow.from_dict(json.loads(line)))
-    return rows
+                row = TrainingRow.from_dict(json.loads(line))
+                rows[row.label] = row
+    return list(rows.values())
 
 
 def run_compress_benchmark(
@@ -807,10 +904,13 @@ def run_compress_benchmark(
     warmup: int = 3,
     iters: int = 4,
     *,
-    hooks: Sequence[str] = ("powersgd",),
+    hooks: Sequence[str] = ("fp16", "powersgd"),
+    points: Sequence[str] = ("heavy",),
+    repeats: int = 1,
     plot: bool = True,
 ) -> TrainingResult:
-    """``thrifty compress bench``: DDP, DDP + hooks, layer-wise and whole-model per compressor.
+    """``thrifty compress bench``: the compute bound, DDP, DDP + hooks, and per compressor
+    layer-wise and whole-model.
 
     Writes ``results/compress_<model>.json`` (+ PNG). ``compressors`` default to
     every registered one but ``"none"``.
@@ -818,7 +918,16 @@ def run_compress_benchmark(
     names = list(compressors or [c for c in available_compressors() if c != "none"])
     configs = compression_configurations(names, ("layerwise", "whole"), hooks)
     return run_training_benchmark(
-        f"compress_{model}", model, configs, rates, workers, warmup, iters, plot=plot
+        f"compress_{model}",
+        model,
+        configs,
+        rates,
+        workers,
+        warmup,
+        iters,
+        points=points,
+        repeats=repeats,
+        plot=plot,
     )
 
 

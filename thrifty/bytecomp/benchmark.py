@@ -13,10 +13,14 @@ a rate-limited loopback, or the plain loopback). Inside the job every rank:
    by the timeline over layer-wise and ByteComp's units), ByteComp's plan, and
    the "compression at zero cost" bound; the plans are broadcast;
 4. every configuration trains side by side in the same job, through the one
-   training harness (:mod:`thrifty.bench.training`): DDP fp32, DDP with
-   PyTorch's PowerSGD hook, and per compressor the uniform plan, each planner
-   the caller compares with (``comparisons``: the CLI passes MergeComp's
-   search) and ByteComp's plan; measured beside predicted.
+   training harness (:mod:`thrifty.bench.training`): the compute bound (no
+   communication), DDP fp32, DDP with PyTorch's ``fp16_compress_hook`` and
+   ``powerSGD_hook``, and per compressor layer-wise, whole-model, the uniform
+   plan, each planner the caller compares with (``comparisons``: the CLI
+   passes MergeComp's search) and ByteComp's plan; measured beside predicted.
+
+Steps 2-4 run once per operating point (:mod:`thrifty.bench.operating_points`:
+the default batch, and a GPU-like one chosen by measurement before the job).
 
 Run with ``thrifty bytecomp bench`` (root for emulated NICs; ``--rate loopback
 --topologies 1x2`` runs anywhere) or ``python benchmarks/bytecomp.py``.
@@ -37,14 +41,17 @@ import torch.distributed as dist
 
 from thrifty.bench import cluster, netem
 from thrifty.bench.models import GPT, MODEL_NAMES, build_model, count_parameters
+from thrifty.bench.operating_points import operating_points
 from thrifty.bench.results import interrupted_by, note_partial, write_json
 from thrifty.bench.training import (
     DEFAULT_OPTIONS,
+    HOOKS,
     LOOPBACK,
     Configuration,
     TrainingResult,
     TrainingRun,
     check_rates,
+    compute_bound,
     ddp,
     ddp_hook,
     decode_objects,
@@ -141,11 +148,13 @@ def _configurations(
     topology: Topology,
     k: int,
 ) -> list[Configuration]:
-    """DDP, DDP + PowerSGD hook, then per compressor: uniform, the comparisons, ByteComp."""
-    configs = [ddp(), ddp_hook("powersgd")]
+    """The bound, DDP and its hooks, then per compressor: layer-wise, whole, uniform, the
+    comparisons, ByteComp."""
+    configs = [compute_bound(), ddp(), ddp_hook("fp16"), ddp_hook("powersgd")]
     for d in decided:
         name = d["compressor"]
         uniform = Plan.from_dict(d["uniform_plan"])
+        configs += [gradient_sync(name, p, ranks_per_node=k) for p in ("layerwise", "whole")]
         configs.append(
             gradient_sync(
                 name,
@@ -198,8 +207,9 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
     comparisons: dict[str, PlannerFactory] = decode_objects(spec["comparisons"])
     bases = [Strategy.make(c, **DEFAULT_OPTIONS.get(c, {})) for c in spec["compressors"]]
     out: dict[str, Any] = {"topology": topology.to_dict(), "models": {}}
-    for model_name in spec["models"]:
-        profile = profile_training_model(model_name, bases, n)
+    for key, model_name, point in spec["runs"]:
+        batch = point["batch"]
+        profile = profile_training_model(model_name, bases, n, batch)
         shared = [_decide_all(profile, topology, spec["compressors"]) if rank == 0 else None]
         dist.broadcast_object_list(shared, src=0)
         decided: list[dict[str, Any]] = shared[0]  # type: ignore[assignment]
@@ -209,15 +219,24 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
             return simulate(profile, plan, topology).iteration
 
         rows = time_configurations(
-            model_name, configs, spec["warmup"], spec["iters"], predict=predict
+            model_name,
+            configs,
+            spec["warmup"],
+            spec["iters"],
+            batch_size=batch,
+            repeats=spec["repeats"],
+            predict=predict,
         )
         meta = {
             "parameters": count_parameters(build_model(model_name), trainable_only=True),
             "tensors": len(profile.tensors),
             "offload_allowed": decided[0]["offload_allowed"] if decided else None,
             "profile": profile.to_dict(),
+            "model": model_name,
+            "point": point["name"],
+            "batch": batch,
         }
-        out["models"][model_name] = TrainingRun(rows, meta).to_dict()
+        out["models"][key] = TrainingRun(rows, meta).to_dict()
     return out if rank == 0 else None
 
 
@@ -251,10 +270,16 @@ def run_bytecomp_benchmark(
     *,
     comparisons: Mapping[str, PlannerFactory] | None = None,
     calibration_s: float = 0.3,
+    points: Sequence[str] = ("heavy",),
+    repeats: int = 1,
     plot: bool = True,
     timeout: float = 5400.0,
 ) -> TrainingResult:
     """Run every topology; write results/bytecomp.json (+ PNG).
+
+    Each model runs at each operating point (``points``, see
+    :mod:`thrifty.bench.operating_points`; measured here before the jobs), the
+    whole list of configurations ``repeats`` times in interleaved rounds.
 
     Args:
         rate: each node's NIC (``"1gbit"``; root), or ``"loopback"`` for one
@@ -276,8 +301,16 @@ def run_bytecomp_benchmark(
         )
     check_rates([rate])
     check_topologies(topologies, rate)
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    resolved = {m: operating_points(m, points) for m in models}
+    several = len(points) > 1
+    runs = [
+        (f"{m} {p.name}" if several else m, m, p.to_dict()) for m in models for p in resolved[m]
+    ]
     job = {
-        "models": list(models),
+        "runs": runs,
+        "repeats": repeats,
         "compressors": list(compressors),
         "warmup": warmup,
         "iters": iters,
@@ -293,6 +326,8 @@ def run_bytecomp_benchmark(
         "comparisons": list(comparisons or {}),
         "warmup": warmup,
         "iters": iters,
+        "repeats": repeats,
+        "points": {m: [p.to_dict() for p in pts] for m, pts in resolved.items()},
         "topologies": shapes,
     }
     title = f"ByteComp, {rate} per node (nodes x ranks, model)"
@@ -307,11 +342,11 @@ def run_bytecomp_benchmark(
                 spec = {"ranks_per_node": k, "job": job, "timeout": timeout}
                 result = netem.run_worker(rate, MODULE, {"single_node": spec})
             shapes[label] = result["topology"]
-            for model, doc in result["models"].items():
+            for key, doc in result["models"].items():
                 run = TrainingRun.from_dict(doc)
-                run.meta.update(topology=label, model=model)
+                run.meta.update(topology=label)
                 run.compare()
-                out.runs[f"{label} {model}"] = run
+                out.runs[f"{label} {key}"] = run
     except KeyboardInterrupt as exc:  # Ctrl-C, SIGTERM: keep the topologies that finished
         out.interrupted_by = interrupted_by(exc)
         note_partial(exc, out.write())
@@ -325,13 +360,16 @@ def run_bytecomp_benchmark(
 def summary_rows(result: TrainingResult) -> list[dict[str, Any]]:
     """Per (topology, model, compressor): measured uniform / comparisons / ByteComp, and bounds.
 
-    ``others`` maps each comparison's legend name (e.g. ``"MergeComp"``) to its
-    measured seconds per iteration.
+    ``others`` maps each other plan's legend name (layer-wise, whole-model,
+    ``"MergeComp"``, ...) to its measured seconds per iteration; ``spread`` is
+    ByteComp's fastest and slowest repetition.
     """
     out = []
     for run in result.runs.values():
         ddp_row = run.baseline()
-        hook = next((r for r in run.rows if r.kind == "ddp_hook"), None)
+        hooks = {r.label: r for r in run.rows if r.kind == "ddp_hook"}
+        fp16, hook = hooks.get(HOOKS["fp16"]), hooks.get(HOOKS["powersgd"])
+        bound = next((r for r in run.rows if r.kind == "local"), None)
         by = {(r.compressor, r.family): r for r in run.rows if r.kind == "sync"}
         families = dict.fromkeys(r.family for r in run.rows if r.kind == "sync")
         others = [f for f in families if f not in (UNIFORM, BYTECOMP)]
@@ -341,13 +379,18 @@ def summary_rows(result: TrainingResult) -> list[dict[str, Any]]:
                 {
                     "topology": run.meta["topology"],
                     "model": run.meta["model"],
+                    "point": run.meta.get("point", "heavy"),
+                    "batch": run.meta.get("batch"),
                     "compressor": comp,
+                    "compute_bound_s": bound.iteration_s if bound else None,
                     "ddp_s": ddp_row.iteration_s if ddp_row else None,
+                    "fp16_s": fp16.iteration_s if fp16 else None,
                     "powersgd_s": hook.iteration_s if hook else None,
                     "uniform_s": uni.iteration_s,
                     "uniform_strategy": uni.extra.get("strategy"),
                     "others": {f: by[(comp, f)].iteration_s for f in others},
                     "bytecomp_s": bc.iteration_s,
+                    "bytecomp_spread_s": list(bc.spread()),
                     "bytecomp_predicted_s": bc.predicted_s,
                     "zero_cost_bound_s": bc.bound_s,
                     "decide_ms": 1000 * bc.extra["decide_s"],

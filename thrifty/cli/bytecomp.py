@@ -16,9 +16,12 @@ from thrifty.bytecomp.benchmark import (
     summary_rows,
 )
 from thrifty.cli.compress import (
+    POINTS_HELP,
+    REPEATS_HELP,
     at_least,
     compressors_option,
     model_option,
+    points_option,
     rates_option,
 )
 from thrifty.cli.params import console, str_list
@@ -39,13 +42,18 @@ def bytecomp_table(result: TrainingResult) -> Table:
     rows = summary_rows(result)
     others = list(dict.fromkeys(name for r in rows for name in r["others"]))
     table = Table(
-        title=f"ByteComp, {result.settings['rate']} per node: seconds per iteration (measured)"
+        title=f"ByteComp, {result.settings['rate']} per node: seconds per iteration (measured)",
+        caption=f"median of {result.settings.get('repeats', 1)} repetitions; "
+        "ByteComp: [fastest-slowest] (x the best other plan)",
     )
     columns = (
         "nodes x ranks",
         "model",
+        "point (batch)",
         "compressor",
+        "compute bound",
         "DDP fp32",
+        "fp16 hook",
         "PowerSGD hook",
         "best uniform",
         *others,
@@ -59,15 +67,20 @@ def bytecomp_table(result: TrainingResult) -> Table:
     for r in rows:
         best_other = min([r["uniform_s"], *r["others"].values()])
         predicted, measured = r["bytecomp_predicted_s"], r["bytecomp_s"]
+        low, high = r["bytecomp_spread_s"]
+        batch = (r["batch"] or {}).get("batch_size", "?")
         table.add_row(
             r["topology"],
             r["model"],
+            f"{r['point']} ({batch})",
             r["compressor"],
+            _seconds(r["compute_bound_s"]),
             _seconds(r["ddp_s"]),
+            _seconds(r["fp16_s"]),
             _seconds(r["powersgd_s"]),
             _seconds(r["uniform_s"]),
             *(_seconds(r["others"].get(name)) for name in others),
-            f"[bold]{measured:.3f}[/bold] ({best_other / measured:.2f}x)",
+            f"[bold]{measured:.3f}[/bold] [{low:.3f}-{high:.3f}] ({best_other / measured:.2f}x)",
             f"{predicted:.3f} ({(predicted - measured) / measured:+.0%})",
             _seconds(r["zero_cost_bound_s"]),
             f"{r['decide_ms']:.0f}",
@@ -111,6 +124,8 @@ def bytecomp_bench(
     calibration: Annotated[
         float, typer.Option(help="Seconds of repetitions per calibration point.")
     ] = 0.3,
+    points: Annotated[str, typer.Option(help=POINTS_HELP)] = "heavy,gpu-like",
+    repeats: Annotated[int, typer.Option(help=REPEATS_HELP)] = 3,
 ) -> None:
     """DDP, PowerSGD hook, best uniform strategy, MergeComp and ByteComp, side by side."""
     shapes = _topologies(topologies)
@@ -133,6 +148,8 @@ def bytecomp_bench(
         at_least(iters, 1, "--iters"),
         comparisons={MERGECOMP: search_planner},
         calibration_s=calibration,
+        points=points_option(points),
+        repeats=at_least(repeats, 1, "--repeats"),
     )
     console.print(bytecomp_table(result))
     console.print(f"wrote {result.json_path} and {result.plot_path}")

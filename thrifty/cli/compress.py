@@ -18,6 +18,7 @@ from thrifty.bench import netem
 from thrifty.bench.guards import MODES, run_guard_benchmark
 from thrifty.bench.kernels import format_size, parse_size, run_kernel_benchmark
 from thrifty.bench.models import MODEL_NAMES
+from thrifty.bench.operating_points import GPU_LIKE_S, POINTS
 from thrifty.bench.training import LOOPBACK, TrainingResult, check_rates, run_compress_benchmark
 from thrifty.cli.params import console, str_list
 from thrifty.compressors import available_compressors
@@ -69,6 +70,25 @@ def rates_option(text: str, flag: str = "--rate") -> list[str]:
                 param_hint=f"'{flag}'",
             ) from exc
     return rates
+
+
+POINTS_HELP = (
+    "Comma-separated operating points: heavy (the default batch) and/or gpu-like "
+    f"(the largest batch whose one-rank compute is at most {GPU_LIKE_S[1] * 1e3:.0f} ms here, "
+    "chosen by measurement and printed)."
+)
+REPEATS_HELP = "Interleaved repetitions of every configuration (median and spread reported)."
+
+
+def points_option(text: str, flag: str = "--points") -> list[str]:
+    """Comma-separated operating point names, each one of :data:`POINTS`."""
+    names = str_list(text)
+    unknown = [n for n in names if n not in POINTS]
+    if unknown or not names:
+        raise typer.BadParameter(
+            f"{text!r}: expected some of {', '.join(POINTS)}", param_hint=f"'{flag}'"
+        )
+    return names
 
 
 def at_least(value: int, least: int, flag: str) -> int:
@@ -188,9 +208,17 @@ def _bytes(n: float) -> str:
 
 
 def training_table(result: TrainingResult) -> Table:
-    """One row per (run, configuration): measured, vs DDP fp32, bytes sent, predicted."""
+    """One row per (run, configuration): measured (and spread), vs DDP fp32, bytes, predicted."""
     searched = any(row.search_iterations for _, row in result.rows())
-    table = Table(title=f"{result.title}: seconds per iteration")
+    points = ", ".join(
+        f"{p['name']}: batch {p['batch']['batch_size']} ({p['compute_s'] * 1e3:.0f} ms compute)"
+        for p in result.settings.get("points", [])
+    )
+    table = Table(
+        title=f"{result.title}: seconds per iteration",
+        caption=f"{points}; s/iter = median of {result.settings.get('repeats', 1)} repetitions "
+        "[fastest-slowest]",
+    )
     columns = ["run", "configuration", "s/iter", "vs DDP fp32", "sent/iter", "predicted"]
     for column in columns + (["search: iters (s)"] if searched else []):
         table.add_column(column, justify="right")
@@ -199,10 +227,11 @@ def training_table(result: TrainingResult) -> Table:
         predicted = "-"
         if row.predicted_s is not None and row.prediction_error is not None:
             predicted = f"{row.predicted_s:.3f} ({row.prediction_error:+.0%})"
+        low, high = row.spread()
         cells = [
             key,
             row.label,
-            f"{row.iteration_s:.3f}",
+            f"{row.iteration_s:.3f}" + (f" [{low:.3f}-{high:.3f}]" if high > low else ""),
             speedup,
             _bytes(row.wire_bytes_per_iter),
             predicted,
@@ -273,8 +302,11 @@ def compress_bench(
     compressors: Annotated[str, typer.Option(help="Comma-separated; empty for all.")] = "",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration.")] = 3,
     iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
+    points: Annotated[str, typer.Option(help=POINTS_HELP)] = "heavy,gpu-like",
+    repeats: Annotated[int, typer.Option(help=REPEATS_HELP)] = 3,
 ) -> None:
-    """DDP fp32, DDP + powerSGD_hook, thrifty layer-wise and whole-model per compressor."""
+    """The compute bound, DDP fp32 and its fp16/PowerSGD hooks, thrifty layer-wise and
+    whole-model per compressor."""
     result = run_compress_benchmark(
         model_option(model),
         at_least(workers, 1, "--workers"),
@@ -282,5 +314,7 @@ def compress_bench(
         compressors_option(compressors),
         at_least(warmup, 0, "--warmup"),
         at_least(iters, 1, "--iters"),
+        points=points_option(points),
+        repeats=at_least(repeats, 1, "--repeats"),
     )
     print_training(result)

@@ -7,10 +7,13 @@ from typing import Annotated
 import typer
 
 from thrifty.cli.compress import (
+    POINTS_HELP,
     RATES_HELP,
+    REPEATS_HELP,
     at_least,
     compressors_option,
     model_option,
+    points_option,
     print_training,
     rates_option,
 )
@@ -32,8 +35,11 @@ def mergecomp_bench(
     ] = "hybrid",
     warmup: Annotated[int, typer.Option(help="Untimed iterations per configuration.")] = 3,
     iters: Annotated[int, typer.Option(help="Timed iterations per configuration.")] = 4,
+    points: Annotated[str, typer.Option(help=POINTS_HELP)] = "heavy,gpu-like",
+    repeats: Annotated[int, typer.Option(help=REPEATS_HELP)] = 3,
 ) -> None:
-    """DDP fp32 vs layer-wise, whole-model and MergeComp, with MergeComp's search cost."""
+    """The compute bound, DDP fp32 and its hooks vs layer-wise, whole-model and MergeComp,
+    with MergeComp's search cost."""
     if mode not in ("hybrid", "online"):
         raise typer.BadParameter(f"{mode!r}: expected hybrid or online", param_hint="'--mode'")
     result = run_mergecomp_benchmark(
@@ -44,5 +50,7 @@ def mergecomp_bench(
         at_least(warmup, 0, "--warmup"),
         at_least(iters, 1, "--iters"),
         mode=mode,
+        points=points_option(points),
+        repeats=at_least(repeats, 1, "--repeats"),
     )
     print_training(result)

@@ -19,7 +19,9 @@ from thrifty.bench.training import (
     LOOPBACK,
     Configuration,
     TrainingResult,
+    compute_bound,
     ddp,
+    ddp_hook,
     gradient_sync,
     run_training_benchmark,
 )
@@ -65,8 +67,9 @@ def search_summary(planner: MergeComp) -> dict[str, Any]:
 
 
 def configurations(compressors: Sequence[str], mode: str = "hybrid") -> list[Configuration]:
-    """DDP fp32, then per compressor: layer-wise, whole-model and MergeComp."""
-    configs = [ddp()]
+    """The compute bound, DDP fp32 and PyTorch's hooks, then per compressor: layer-wise,
+    whole-model and MergeComp."""
+    configs = [compute_bound(), ddp(), ddp_hook("fp16"), ddp_hook("powersgd")]
     for name in compressors:
         configs += [
             gradient_sync(name, "layerwise"),
@@ -91,12 +94,14 @@ def run_mergecomp_benchmark(
     iters: int = 4,
     *,
     mode: str = "hybrid",
+    points: Sequence[str] = ("heavy",),
+    repeats: int = 1,
     plot: bool = True,
 ) -> TrainingResult:
-    """Time DDP, layer-wise, whole-model and MergeComp at each rate.
+    """Time the compute bound, DDP, its hooks, layer-wise, whole-model and MergeComp.
 
-    Writes ``results/mergecomp_<model>.json`` (+ PNG); rates as in
-    :func:`thrifty.bench.training.run_training_benchmark`.
+    Writes ``results/mergecomp_<model>.json`` (+ PNG); rates, operating points
+    and repeats as in :func:`thrifty.bench.training.run_training_benchmark`.
     """
     return run_training_benchmark(
         f"mergecomp_{model}",
@@ -107,5 +112,7 @@ def run_mergecomp_benchmark(
         warmup,
         iters,
         title=f"MergeComp, {model}, {workers} workers",
+        points=points,
+        repeats=repeats,
         plot=plot,
     )
