@@ -1,4 +1,8 @@
-"""`thrifty lazarus train | bench | simulate` end to end at their smallest settings; bad flags."""
+"""`thrifty lazarus bench | simulate` end to end at their smallest settings; bad flags.
+
+`thrifty lazarus train` runs end to end in tests/test_lazarus_launch.py, with
+workers killed from outside at moments the test does not choose.
+"""
 
 from __future__ import annotations
 
@@ -44,19 +48,6 @@ def test_bench_then_simulate_from_its_measured_costs(results) -> None:
     assert result.exit_code == 0, result.output
     config = json.loads((results / "lazarus_simulate.json").read_text())["config"]
     assert config["reconfig_s"] == bench["recovery"]["median"]["lazarus"]["total_s"]
-
-
-def test_train_without_failures_reports_every_member(results, tmp_path) -> None:
-    # The launch path at its smallest: coordinator + 3 torchrun agents, no kill
-    # (tests/test_lazarus_launch.py kills workers from outside).
-    args = ["lazarus", "train", "--workers", "3", "--steps", "4", "--slots", "2"]
-    result = runner.invoke(app, [*args, "--run-dir", str(tmp_path / "run")])
-    assert result.exit_code == 0, result.output
-    report = json.loads((results / "lazarus_train.json").read_text())
-    assert report["finished_members"] == [0, 1, 2]
-    assert report["reconfigurations"] == []
-    assert report["experts_present"] == [[0, 1, 2, 3], [0, 1, 2, 3]]
-    assert len(report["loss"]) == 4
 
 
 @pytest.mark.parametrize(
