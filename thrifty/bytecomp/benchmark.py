@@ -327,7 +327,7 @@ def run_bytecomp_benchmark(
         "warmup": warmup,
         "iters": iters,
         "repeats": repeats,
-        "points": {m: [p.to_dict() for p in pts] for m, pts in resolved.items()},
+        "points": [p.to_dict() for pts in resolved.values() for p in pts],
         "topologies": shapes,
     }
     title = f"ByteComp, {rate} per node (nodes x ranks, model)"

@@ -211,7 +211,7 @@ def training_table(result: TrainingResult) -> Table:
     """One row per (run, configuration): measured (and spread), vs DDP fp32, bytes, predicted."""
     searched = any(row.search_iterations for _, row in result.rows())
     points = ", ".join(
-        f"{p['name']}: batch {p['batch']['batch_size']} ({p['compute_s'] * 1e3:.0f} ms compute)"
+        f"{p['model']} {p['name']}: {p['batch']} ({p['compute_s'] * 1e3:.0f} ms compute)"
         for p in result.settings.get("points", [])
     )
     table = Table(
