@@ -186,9 +186,11 @@ def test_bytecomp_bench(results: Path) -> None:
         "gpu-like",
         "--repeats",
         "1",
+        "--calibrate-under-load",
     )
     assert "ByteComp" in output
     doc = load(results / "bytecomp.json")
+    assert doc["settings"]["calibrated_under_load"] is True
     assert (results / "bytecomp.png").stat().st_size > 0
     rows = doc["runs"]["1x2 digits"]["rows"]
     assert doc["runs"]["1x2 digits"]["meta"]["point"] == "gpu-like"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
 import pytest
 import torch.distributed as dist
 
 from thrifty.bench import run_ranks
 from thrifty.comm.calibration import (
     CollectiveTiming,
+    compute_load,
     fit_network,
     fit_report,
     fit_timings,
@@ -20,7 +24,8 @@ SIZES = (4096, 65536, 1 << 20)
 
 
 def _calibrate() -> dict:
-    timings = time_collectives(PRIMITIVES, SIZES)
+    # Under load, as the training benchmark calibrates: the ranks must still agree.
+    timings = time_collectives(PRIMITIVES, SIZES, under_load=True)
     network = fit_network("here", ["all_reduce"], SIZES)
     topology = measure_topology(SIZES, budget_s=0.0, ranks_per_node=1)
     return {
@@ -60,3 +65,18 @@ def test_timing_round_trips_through_its_json_row() -> None:
 def test_unknown_primitive_is_refused_before_any_collective() -> None:
     with pytest.raises(ValueError, match="broadcast"):
         time_collectives(["broadcast"], SIZES)  # raises before touching a process group
+
+
+def test_compute_load_keeps_a_thread_busy_and_stops_it() -> None:
+    """What the under-load calibration runs beside each collective (tested above on 2 ranks)."""
+
+    def loaders() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "thrifty-compute-load"]
+
+    with compute_load():
+        started = time.process_time()
+        time.sleep(0.2)  # this thread sleeps; the CPU time is the load's
+        busy = time.process_time() - started
+        assert len(loaders()) == 1
+    assert busy > 0.05, busy
+    assert loaders() == []

@@ -202,7 +202,11 @@ def _rank_run(spec: dict[str, Any]) -> dict[str, Any] | None:
     k = int(os.environ.get("LOCAL_WORLD_SIZE", n))
     torch.set_num_threads(1)
     topology = measure_topology(
-        CALIBRATION_SIZES, budget_s=spec["calibration_s"], ranks_per_node=k, progress=rank == 0
+        CALIBRATION_SIZES,
+        budget_s=spec["calibration_s"],
+        ranks_per_node=k,
+        progress=rank == 0,
+        under_load=spec.get("under_load", False),
     )
     comparisons: dict[str, PlannerFactory] = decode_objects(spec["comparisons"])
     bases = [Strategy.make(c, **DEFAULT_OPTIONS.get(c, {})) for c in spec["compressors"]]
@@ -270,6 +274,7 @@ def run_bytecomp_benchmark(
     *,
     comparisons: Mapping[str, PlannerFactory] | None = None,
     calibration_s: float = 0.3,
+    under_load: bool = False,
     points: Sequence[str] = ("heavy",),
     repeats: int = 1,
     plot: bool = True,
@@ -289,6 +294,8 @@ def run_bytecomp_benchmark(
             factories: they travel to the ranks pickled), e.g.
             ``{"MergeComp": thrifty.mergecomp.benchmark.search_planner}``.
         calibration_s: seconds of repetitions per calibration point.
+        under_load: calibrate every collective while each rank also computes
+            (:func:`thrifty.comm.calibration.compute_load`), as in training.
     """
     unknown = [m for m in models if m not in MODEL_NAMES]
     if unknown:
@@ -315,12 +322,14 @@ def run_bytecomp_benchmark(
         "warmup": warmup,
         "iters": iters,
         "calibration_s": calibration_s,
+        "under_load": under_load,
         "comparisons": encode_objects(dict(comparisons or {})),
         "timeout_s": timeout,
     }
     shapes: dict[str, Any] = {}
     settings = {
         "rate": rate,
+        "calibrated_under_load": under_load,
         "models": list(models),
         "compressors": list(compressors),
         "comparisons": list(comparisons or {}),

@@ -105,6 +105,14 @@ def bytecomp_bench(
     calibration: Annotated[
         float, typer.Option(help="Seconds of repetitions per calibration point.")
     ] = 0.3,
+    calibrate_under_load: Annotated[
+        bool,
+        typer.Option(
+            "--calibrate-under-load/--calibrate-idle",
+            help="Time the calibration's collectives while every rank also computes (or on "
+            "idle cores, the default: neither predicted better here, see the README).",
+        ),
+    ] = False,
     points: Annotated[str, typer.Option(help=POINTS_HELP)] = "heavy,gpu-like",
     repeats: Annotated[int, typer.Option(help=REPEATS_HELP)] = 3,
 ) -> None:
@@ -129,6 +137,7 @@ def bytecomp_bench(
         at_least(iters, 1, "--iters"),
         comparisons={MERGECOMP: search_planner},
         calibration_s=calibration,
+        under_load=calibrate_under_load,
         points=points_option(points),
         repeats=at_least(repeats, 1, "--repeats"),
     )

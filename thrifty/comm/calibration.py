@@ -21,11 +21,13 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import sys
+import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "CollectiveTiming",
     "TopologyCalibration",
     "calibrate_topology",
+    "compute_load",
     "fit_network",
     "fit_report",
     "fit_timings",
@@ -113,6 +116,33 @@ def _run_once(
         raise ValueError(f"unknown primitive {primitive!r}; expected one of {PRIMITIVES}")
 
 
+@contextlib.contextmanager
+def compute_load() -> Iterator[None]:
+    """Keep one more thread of this process busy with matrix products inside the block.
+
+    In training a gradient's collective runs while backward computes the next
+    ones on the same process. Where ranks share cores (several ranks on one
+    machine, or a busy host thread feeding a GPU), the collective's own threads
+    then wait for CPU time, and a network model fitted on idle cores prices
+    every collective too low. Timing the calibration under this load prices it
+    as training sees it.
+    """
+    stop = threading.Event()
+
+    def spin() -> None:
+        a = torch.randn(128, 128)
+        while not stop.is_set():
+            torch.mm(a, a)
+
+    worker = threading.Thread(target=spin, name="thrifty-compute-load", daemon=True)
+    worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        worker.join()
+
+
 def time_collectives(
     primitives: Sequence[str] = PRIMITIVES,
     sizes: Sequence[int] = CALIBRATION_SIZES,
@@ -122,6 +152,7 @@ def time_collectives(
     lockstep: dist.ProcessGroup | None = None,
     label: str = "",
     progress: bool = False,
+    under_load: bool = False,
 ) -> list[CollectiveTiming]:
     """Time each primitive at each size in ``group`` (call on every rank of ``lockstep``).
 
@@ -139,6 +170,8 @@ def time_collectives(
             reps, and every rank gets the same timings.
         label, progress: a tqdm bar with this label on global rank 0 (one bar
             also when several groups are timed at once).
+        under_load: time every collective while this rank also computes
+            (:func:`compute_load`), as in training.
     """
     unknown = [p for p in primitives if p not in PRIMITIVES]
     if unknown:
@@ -148,8 +181,19 @@ def time_collectives(
     items = [(p, s) for p in primitives for s in sizes]
     show = progress and dist.get_rank() == 0
     bar = tqdm(items, desc=label, disable=not show, leave=False, file=sys.stderr)
+    with compute_load() if under_load else contextlib.nullcontext():
+        return _time_each(bar, n, group, sync, budget_s)
+
+
+def _time_each(
+    items: Iterable[tuple[str, int]],
+    n: int,
+    group: dist.ProcessGroup | None,
+    sync: dist.ProcessGroup | None,
+    budget_s: float,
+) -> list[CollectiveTiming]:
     out = []
-    for primitive, nbytes in bar:
+    for primitive, nbytes in items:
         buf = torch.ones(max(n, nbytes // 4), dtype=torch.float32)
         recv = torch.empty_like(buf)
         if nbytes <= _WARMUP_UP_TO:
@@ -240,13 +284,20 @@ def calibrate_topology(
     ranks_per_node: int | None = None,
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
+    under_load: bool = False,
 ) -> TopologyCalibration:
     """:func:`measure_topology`, keeping the timings (for reports and plots)."""
     primitives = PRIMITIVES
     if group is not None and group is not dist.group.WORLD:
         # A sub-group says nothing about which of its ranks share a node.
         flat = time_collectives(
-            primitives, sizes, budget_s=budget_s, group=group, label="flat", progress=progress
+            primitives,
+            sizes,
+            budget_s=budget_s,
+            group=group,
+            label="flat",
+            progress=progress,
+            under_load=under_load,
         )
         n = dist.get_world_size(group)
         return TopologyCalibration(
@@ -263,7 +314,12 @@ def calibrate_topology(
     shape = f"{nodes}x{k}"
     timings = {
         "flat": time_collectives(
-            primitives, sizes, budget_s=budget_s, label=f"flat {shape}", progress=progress
+            primitives,
+            sizes,
+            budget_s=budget_s,
+            label=f"flat {shape}",
+            progress=progress,
+            under_load=under_load,
         )
     }
     if nodes > 1 and k > 1:
@@ -278,6 +334,7 @@ def calibrate_topology(
                 lockstep=everyone,
                 label=f"{name} {shape}",
                 progress=progress,
+                under_load=under_load,
             )
     models = {name: fit_timings(name, got) for name, got in timings.items()}
     topology = Topology(nodes, k, models["flat"], models.get("intra"), models.get("inter"))
@@ -291,6 +348,7 @@ def measure_topology(
     ranks_per_node: int | None = None,
     group: dist.ProcessGroup | None = None,
     progress: bool = False,
+    under_load: bool = False,
 ) -> Topology:
     """Fit the flat, intra-node and inter-node network models (call on every rank).
 
@@ -305,8 +363,14 @@ def measure_topology(
     ``ranks_per_node`` defaults to torchrun's ``LOCAL_WORLD_SIZE`` (else the
     world: one node). ``intra`` and ``inter`` are None on one node or with one
     rank per node. A ``group`` other than the world is timed flat only and
-    described as one node. About 25 s at 1 Gbit/s on 2 x 2 ranks.
+    described as one node. About 25 s at 1 Gbit/s on 2 x 2 ranks. ``under_load``
+    times every collective while each rank also computes (:func:`compute_load`).
     """
     return calibrate_topology(
-        sizes, budget_s=budget_s, ranks_per_node=ranks_per_node, group=group, progress=progress
+        sizes,
+        budget_s=budget_s,
+        ranks_per_node=ranks_per_node,
+        group=group,
+        progress=progress,
+        under_load=under_load,
     ).topology
